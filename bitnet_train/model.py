@@ -1,0 +1,264 @@
+"""Llama-style BitNet b1.58 model: plain nn.Modules with a dataclass config, no I/O.
+
+Linear layers come from an injected factory (`LinearFactory`), so the same model runs ternary
+(BitLinear, quantize=True), full precision (quant=none) or mixed (hybrid precision list).
+Parameter names follow the Hugging Face Llama layout so importers map weights one to one.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quant import BitLinear, RMSNorm
+
+NormKind = Literal["subln", "bitlinear", "none"]
+FfnKind = Literal["swiglu", "relu2"]
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 704
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int | None = None  # default hidden_size // num_heads
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    norm: str = "subln"  # subln | bitlinear | none
+    ffn: str = "swiglu"  # swiglu | relu2
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+                )
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}"
+            )
+        if self.norm not in ("subln", "bitlinear", "none"):
+            raise ValueError(f"norm must be 'subln', 'bitlinear' or 'none', got {self.norm!r}")
+        if self.ffn not in ("swiglu", "relu2"):
+            raise ValueError(f"ffn must be 'swiglu' or 'relu2', got {self.ffn!r}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class QuantConfig:
+    """How linear layers are quantized. Paired explicitly with export (export requires lambda 1)."""
+
+    method: str = "b1.58"  # b1.58 | none
+    eps: float = 1e-5
+    # fnmatch patterns of module names kept in high precision (hybrid), e.g. "layers.0.*".
+    keep_high_precision: list[str] = field(default_factory=list)
+    lambda_warmup_steps: int = 0  # 0: lambda = 1 from the start (training from scratch)
+    lambda_schedule: str = "linear"
+
+    def __post_init__(self):
+        if self.method not in ("b1.58", "none"):
+            raise ValueError(f"quant method must be 'b1.58' or 'none', got {self.method!r}")
+        self.keep_high_precision = list(self.keep_high_precision)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown quant config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+# (module_name, in_features, out_features) -> module
+LinearFactory = Callable[[str, int, int], nn.Module]
+
+
+def make_linear_factory(model_cfg: ModelConfig, quant_cfg: QuantConfig) -> LinearFactory:
+    pre_norm = model_cfg.norm == "bitlinear"
+
+    def factory(name: str, in_features: int, out_features: int) -> nn.Module:
+        keep = any(fnmatch.fnmatchcase(name, p) for p in quant_cfg.keep_high_precision)
+        return BitLinear(
+            in_features,
+            out_features,
+            quantize=quant_cfg.method == "b1.58" and not keep,
+            pre_norm=pre_norm,
+            norm_eps=model_cfg.rms_norm_eps,
+            eps=quant_cfg.eps,
+        )
+
+    return factory
+
+
+def rope_cache(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (seq_len, head_dim), in the rotate-half (HF Llama) convention."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+    t = torch.arange(seq_len, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)  # (T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, n_head, T, head_dim); cos/sin: (T, head_dim)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, prefix: str, linear: LinearFactory):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        d = cfg.hidden_size
+        self.q_proj = linear(f"{prefix}.q_proj", d, self.n_head * self.hd)
+        self.k_proj = linear(f"{prefix}.k_proj", d, self.n_kv * self.hd)
+        self.v_proj = linear(f"{prefix}.v_proj", d, self.n_kv * self.hd)
+        self.o_proj = linear(f"{prefix}.o_proj", self.n_head * self.hd, d)
+        # SubLN: a norm on the attention output, before o_proj (BitNet b1.58 2B4T layout).
+        self.attn_sub_norm = RMSNorm(self.n_head * self.hd, cfg.rms_norm_eps) if cfg.norm == "subln" else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, n_head, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv != self.n_head:
+            rep = self.n_head // self.n_kv
+            k = k.repeat_interleave(rep, dim=1)  # (B, n_head, T, hd)
+            v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, n_head, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)
+        if self.attn_sub_norm is not None:
+            y = self.attn_sub_norm(y)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, prefix: str, linear: LinearFactory):
+        super().__init__()
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = linear(f"{prefix}.gate_proj", d, f)
+        self.up_proj = linear(f"{prefix}.up_proj", d, f)
+        self.down_proj = linear(f"{prefix}.down_proj", f, d)
+        self.ffn_sub_norm = RMSNorm(f, cfg.rms_norm_eps) if cfg.norm == "subln" else None
+        self.relu2 = cfg.ffn == "relu2"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate_proj(x)
+        g = F.relu(g).square() if self.relu2 else F.silu(g)
+        h = g * self.up_proj(x)  # (B, T, ffn)
+        if self.ffn_sub_norm is not None:
+            h = self.ffn_sub_norm(h)
+        return self.down_proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, idx: int, linear: LinearFactory):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, f"layers.{idx}.self_attn", linear)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, f"layers.{idx}.mlp", linear)
+
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class BitNetModel(nn.Module):
+    """Decoder-only LM. Embeddings, norms and lm_head are never quantized."""
+
+    def __init__(self, cfg: ModelConfig, quant: QuantConfig | None = None, linear: LinearFactory | None = None):
+        super().__init__()
+        self.config = cfg
+        self.quant_config = quant or QuantConfig()
+        linear = linear or make_linear_factory(cfg, self.quant_config)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([Block(cfg, i, linear) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        cos, sin = rope_cache(cfg, cfg.max_seq_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                # scaled init for residual output projections (GPT-2 / nanoGPT)
+                s = std / math.sqrt(2 * self.config.num_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                nn.init.normal_(p, mean=0.0, std=s)
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, vocab)."""
+        T = idx.shape[1]
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+        x = self.embed_tokens(idx)  # (B, T, d)
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        for block in self.layers:
+            x = block(x, cos, sin)
+        return self.lm_head(self.norm(x))
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self(idx)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def bitlinear_modules(self) -> dict[str, BitLinear]:
+        return {n: m for n, m in self.named_modules() if isinstance(m, BitLinear)}
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = 50,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Simple sampling without a KV cache (for samples during training; the runtime serves)."""
+        for _ in range(max_new_tokens):
+            ctx = idx[:, -self.config.max_seq_len:]
+            logits = self(ctx)[:, -1, :].float()
+            if temperature <= 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    v, _ = torch.topk(logits, min(top_k, logits.shape[-1]))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx

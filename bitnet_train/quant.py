@@ -1,0 +1,165 @@
+"""BitNet b1.58 quantizers, straight-through estimators and BitLinear.
+
+The quantization contract (shared with export and the runtime, see DESIGN.md):
+
+* weight, per tensor:   s_w = max(mean|W|, eps),  Wt = clamp(round(W / s_w), -1, 1),  W ~ Wt * s_w
+* activation, per token (last dim): s_x = 127 / max(max|x|, eps),  xq = clamp(round(x * s_x), -128, 127)
+* y = (xq @ Wt^T) * s_w / s_x            (integer-exact product, then the scale rule)
+
+Rounding is half to even (torch.round). All quantizer math runs in fp32, also under bf16 autocast.
+Gradients pass straight through (identity) the rounding and clamping.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EPS = 1e-5
+ACT_MAX = 127.0
+
+
+def weight_quant(w: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmean ternary quantization of a whole tensor.
+
+    Returns (codes, s_w): codes in {-1, 0, 1} (fp32), s_w a 0-dim fp32 tensor; w ~ codes * s_w.
+    """
+    w = w.float()
+    s_w = w.abs().mean().clamp(min=eps)
+    codes = (w / s_w).round().clamp(-1, 1)
+    return codes, s_w
+
+
+def act_quant(x: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token absmax int8 quantization over the last dim.
+
+    Returns (codes, s_x): codes in [-128, 127] (fp32), s_x of shape (..., 1); x ~ codes / s_x.
+    """
+    x = x.float()
+    s_x = ACT_MAX / x.abs().amax(dim=-1, keepdim=True).clamp(min=eps)
+    codes = (x * s_x).round().clamp(-128, 127)
+    return codes, s_x
+
+
+class _BitLinearFn(torch.autograd.Function):
+    """y = q_lam(x) @ q_lam(W)^T with q_lam(v) = v + lam * (q(v) - v); identity gradients (STE).
+
+    At lam == 1 the product is computed in the integer-exact form (xq @ Wt^T) * s_w / s_x, which is
+    what the runtime computes with int32 accumulation.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, lam: float, eps: float):
+        x_codes, s_x = act_quant(x, eps)
+        w_codes, s_w = weight_quant(w, eps)
+        mm_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+        if x.is_cuda and torch.is_autocast_enabled("cuda"):
+            mm_dtype = torch.get_autocast_dtype("cuda")
+        if lam == 1.0:
+            # codes are small integers: exact in bf16/fp16 as well as fp32.
+            acc = F.linear(x_codes.to(mm_dtype), w_codes.to(mm_dtype)).float()
+            y = acc * (s_w / s_x)
+            x_eff = x_codes / s_x
+            w_eff = w_codes * s_w
+        else:
+            xf, wf = x.float(), w.float()
+            x_eff = xf + lam * (x_codes / s_x - xf)
+            w_eff = wf + lam * (w_codes * s_w - wf)
+            y = F.linear(x_eff.to(mm_dtype), w_eff.to(mm_dtype)).float()
+        ctx.save_for_backward(x_eff.to(mm_dtype), w_eff.to(mm_dtype))
+        ctx.in_dtypes = (x.dtype, w.dtype)
+        out_dtype = mm_dtype if mm_dtype != torch.float32 else x.dtype
+        return y.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x_eff, w_eff = ctx.saved_tensors
+        g = grad_y.to(x_eff.dtype)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ w_eff).to(ctx.in_dtypes[0])  # (..., in)
+        if ctx.needs_input_grad[1]:
+            grad_w = (g.reshape(-1, g.shape[-1]).t() @ x_eff.reshape(-1, x_eff.shape[-1])).to(ctx.in_dtypes[1])
+        return grad_x, grad_w, None, None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf).to(x.dtype)
+
+
+class BitLinear(nn.Module):
+    """Drop-in for nn.Linear(bias=False).
+
+    quantize=True:  b1.58 forward (ternary weights, int8 activations, STE); lam < 1 blends the
+                    quantized and latent values (lambda warm-up for fine-tuning).
+    quantize=False: a plain full-precision linear (quant=none runs and hybrid-precision modules).
+    pre_norm=True:  an RMSNorm over the input inside the layer (the original BitNet BitLinear).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        quantize: bool = True,
+        pre_norm: bool = False,
+        norm_eps: float = 1e-6,
+        eps: float = EPS,
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.quantize = quantize
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.norm = RMSNorm(in_features, norm_eps) if pre_norm else None
+        # lambda is a buffer so that it is checkpointed and restored on resume.
+        self.register_buffer("lam", torch.tensor(1.0), persistent=True)
+        nn.init.normal_(self.weight, std=0.02)
+
+    def set_lambda(self, lam: float) -> None:
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lambda must be in [0, 1], got {lam}")
+        self.lam.fill_(lam)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm is not None:
+            x = self.norm(x)
+        if not self.quantize:
+            return F.linear(x, self.weight)
+        return _BitLinearFn.apply(x, self.weight, float(self.lam), self.eps)
+
+    def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ternary codes as int8, fp32 scale s_w): what export writes."""
+        codes, s_w = weight_quant(self.weight.detach(), self.eps)
+        return codes.to(torch.int8), s_w
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"quantize={self.quantize}, pre_norm={self.norm is not None}"
+        )
+
+
+def lambda_at(step: int, warmup_steps: int, schedule: str = "linear") -> float:
+    """Lambda warm-up: 0 -> 1 over warmup_steps (linear by default; 'none' means always 1)."""
+    if schedule == "none" or warmup_steps <= 0:
+        return 1.0
+    if schedule != "linear":
+        raise ValueError(f"unknown lambda schedule {schedule!r}; expected 'linear' or 'none'")
+    return min(1.0, max(0.0, step / warmup_steps))
+
+
+def set_model_lambda(model: nn.Module, lam: float) -> None:
+    for m in model.modules():
+        if isinstance(m, BitLinear) and m.quantize:
+            m.set_lambda(lam)

@@ -1,0 +1,1 @@
+"""Packing, the .bitnet format and bitnet-export."""

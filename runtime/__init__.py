@@ -1,0 +1,1 @@
+"""Python side of the inference engine. Imports without torch."""
