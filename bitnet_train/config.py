@@ -1,0 +1,56 @@
+"""Hydra composition for `python -m bitnet_train`: finds configs/, turns Hydra's errors into
+one-line ConfigErrors (unknown recipe, unknown key, bad value)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from .errors import ConfigError
+
+
+def config_dir() -> Path:
+    """configs/ ships inside the package (wheel) or beside it (source checkout, editable)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parent / "configs"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise ConfigError(f"configs/train.yaml not found next to {here}")
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in (config_dir() / "recipe").rglob("*.yaml"))
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return compose(config_name="train", overrides=list(overrides))
+    except HydraException as e:
+        raise ConfigError(_explain(e, overrides)) from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad configuration: {e}".splitlines()[0]) from None
+
+
+def _explain(e: Exception, overrides: list[str]) -> str:
+    msg = str(e)
+    if e.__cause__ is not None:
+        msg += "\n" + str(e.__cause__)
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.lstrip("+~") == "recipe" and f"recipe/{value}" in msg:
+            return f"unknown recipe {value!r}; available: {', '.join(available_recipes())}"
+    if "not in struct" in msg:
+        key = msg.split("'")[1] if "'" in msg else "?"
+        return f"unknown config key {key!r} (use +{key}=... only to add a new key on purpose)"
+    if "Could not find '" in msg:
+        missing = msg.split("Could not find '")[1].split("'")[0]  # e.g. quant/foo
+        group, _, option = missing.rpartition("/")
+        options = sorted(p.stem for p in (config_dir() / group).glob("*.yaml")) if group else []
+        return f"unknown {group or 'config'} option {option!r}; available: {', '.join(options)}"
+    return msg.splitlines()[0]

@@ -1,0 +1,104 @@
+"""LightningModule around BitNetModel: loss, the two-stage schedule, lambda warm-up, NaN guard."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+
+from .errors import BitNetError
+from .model import BitNetModel, ModelConfig, QuantConfig
+from .quant import lambda_at, set_model_lambda
+from .schedule import OptimConfig, lr_multiplier, weight_decay_at
+
+
+class NonFiniteLossError(BitNetError):
+    """Training produced a NaN/inf loss or gradient; the last good checkpoint is kept."""
+
+
+class BitNetLM(L.LightningModule):
+    def __init__(self, model: dict, quant: dict, optim: dict, total_steps: int):
+        super().__init__()
+        # The architecture is saved in every checkpoint and restored from it.
+        self.save_hyperparameters()
+        self.model = BitNetModel(ModelConfig.from_dict(model), QuantConfig.from_dict(quant))
+        self.optim_cfg = OptimConfig.from_dict(optim)
+        self.total_steps = total_steps
+
+    # -- steps ---------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx):
+        step = self.global_step
+        q = self.model.quant_config
+        if q.method != "none":
+            set_model_lambda(self.model, lambda_at(step, q.lambda_warmup_steps, q.lambda_schedule))
+        wd = weight_decay_at(step, self.total_steps, self.optim_cfg)
+        for group in self.optimizers().param_groups:
+            if group.get("decay", False):
+                group["weight_decay"] = wd
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch  # (B, T) input ids, (B, T) targets
+        loss = self.model.loss(x, y)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss became {loss.item()} at step {self.global_step}; stopped. "
+                f"The last good checkpoint is kept (lower optim.lr or use precision=32-true)."
+            )
+        lam = self._current_lambda()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        self.log("train/lambda", lam)
+        self.log("train/tokens", float((self.global_step + 1) * x.numel() * self.trainer.world_size
+                                       * self.trainer.accumulate_grad_batches), reduce_fx="max")
+        return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            if not torch.isfinite(norm):
+                raise NonFiniteLossError(
+                    f"gradient norm became {norm.item()} at step {self.global_step}; stopped. "
+                    f"The last good checkpoint is kept."
+                )
+            self.log("train/grad_norm", norm)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self.model.loss(x, y)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        return loss
+
+    def on_validation_epoch_end(self):
+        loss = self.trainer.callback_metrics.get("val/loss")
+        if loss is not None:
+            self.log("val/ppl", math.exp(min(float(loss), 50.0)), sync_dist=True)
+
+    def _current_lambda(self) -> float:
+        for m in self.model.bitlinear_modules().values():
+            if m.quantize:
+                return float(m.lam)
+        return 1.0
+
+    # -- optimizer -----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            # weight decay on matrices only (not norms); embeddings count as matrices here
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        opt = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay, "decay": True},
+                {"params": no_decay, "weight_decay": 0.0, "decay": False},
+            ],
+            lr=cfg.lr,
+            betas=cfg.betas,
+            eps=cfg.eps,
+        )
+        total = self.total_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_multiplier(step, total, cfg))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

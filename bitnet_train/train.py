@@ -1,0 +1,357 @@
+"""One training run from a composed Hydra config: build, fit, write model/, report.
+
+The CLI (`__main__`) composes the config and calls `run(cfg)`. Everything that can be checked
+before training (config values, data, tokenizer vs model, resume checkpoint) is checked before
+the run directory is created, so bad input leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import CheckpointError, ConfigError
+from .lightning_module import BitNetLM
+from .model import BitNetModel, ModelConfig, QuantConfig
+from .model_dir import read_model_dir_config, save_model_dir
+from .schedule import OptimConfig
+
+RUN_DIR_ENV = "BITNET_RUN_DIR"  # lets DDP worker processes find the run dir rank 0 chose
+ARCH_KEYS_FROM_CHECKPOINT = ("norm", "ffn", "max_seq_len")  # keys a recipe may set on an import
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file and renames it into place: a run killed
+    mid-write never leaves a truncated checkpoint."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = str(path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+class KillAtStep(Callback):
+    """Crash-recovery testing: exit the process abruptly (as kill -9 would) after a step."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            os._exit(137)
+
+
+# -- config pieces ---------------------------------------------------------------------------------
+
+def _as_dict(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if node is not None else {}
+
+
+def _checked(make, what: str):
+    try:
+        return make()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid {what} config: {e}") from None
+
+
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    if cfg.run_dir:
+        return Path(cfg.run_dir).expanduser().resolve()
+    if os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path("runs") / f"{cfg.name}-{cfg.quant.method}" / stamp
+    return path.resolve()
+
+
+def resolve_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        if not cfg.run_dir:
+            raise ConfigError("resume=auto needs run_dir=... (the run to resume)")
+        last = run_dir / "checkpoints" / "last.ckpt"
+        return last if last.is_file() else None
+    path = Path(cfg.resume).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt" if (path / "checkpoints").is_dir() else path / "last.ckpt"
+    if not path.is_file():
+        raise CheckpointError(f"resume checkpoint not found: {path}")
+    return path.resolve()
+
+
+def check_resume_architecture(ckpt: Path, model_cfg: ModelConfig, quant_cfg: QuantConfig) -> None:
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise CheckpointError(f"cannot read checkpoint {ckpt}: {e}") from None
+    hp = state.get("hyper_parameters") or {}
+    saved = hp.get("model")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{ckpt} is not a bitnet_train checkpoint (no model config in hyper_parameters)")
+    mine = model_cfg.to_dict()
+    diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+    if diff:
+        parts = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise CheckpointError(f"checkpoint {ckpt} is from another architecture ({parts})")
+    saved_q = (hp.get("quant") or {}).get("method")
+    if saved_q != quant_cfg.method:
+        raise CheckpointError(f"checkpoint {ckpt} was trained with quant {saved_q!r}, the config says {quant_cfg.method!r}")
+
+
+# -- model source ------------------------------------------------------------------------------------
+
+def build_source_model(mcfg: dict, qcfg: QuantConfig):
+    """-> (model or None, tokenizer or None, provenance). None model: build from scratch later."""
+    init_from = mcfg.get("init_from")
+    if not init_from:
+        return None, None, {}
+    overrides = {k: mcfg[k] for k in ARCH_KEYS_FROM_CHECKPOINT if mcfg.get(k) is not None}
+    from .importers import load_hf_llama, smollm2_gguf_path
+
+    gguf_file = mcfg.get("gguf_file")
+    path = smollm2_gguf_path() if init_from == "smollm2" else Path(init_from).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        path, gguf_file = path.parent, path.name
+    if not path.exists():
+        raise ConfigError(f"model.init_from: {path} does not exist")
+    if (path / "config.json").is_file() and _is_model_dir(path):
+        from .model_dir import load_model_dir
+
+        model, tok, meta = load_model_dir(path)
+        if overrides:
+            cfg = replace(model.config, **overrides)
+            fresh = BitNetModel(cfg, qcfg)
+            fresh.load_state_dict(model.state_dict(), strict=False)
+            model = fresh
+        else:
+            model = _requantized(model, qcfg)
+        return model, tok, {"source": str(path), **meta.get("provenance", {})}
+    model, tok, info = load_hf_llama(
+        path,
+        gguf_file=gguf_file,
+        quant=qcfg,
+        norm=overrides.get("norm", "none"),
+        ffn=overrides.get("ffn"),
+        max_seq_len=overrides.get("max_seq_len"),
+    )
+    return model, tok, info
+
+
+def _is_model_dir(path: Path) -> bool:
+    try:
+        read_model_dir_config(path)
+        return True
+    except Exception:  # noqa: BLE001 - not ours: an HF directory
+        return False
+
+
+def _requantized(model: BitNetModel, qcfg: QuantConfig) -> BitNetModel:
+    fresh = BitNetModel(model.config, qcfg)
+    fresh.load_state_dict(model.state_dict(), strict=False)
+    return fresh
+
+
+# -- the run -----------------------------------------------------------------------------------------
+
+def run(cfg: DictConfig) -> dict:
+    """Train according to cfg. Returns the summary dict (also appended to runs/results.jsonl)."""
+    from .data import DataConfig, TextDataModule, check_vocab
+
+    if cfg.trainer.get("threads"):
+        torch.set_num_threads(int(cfg.trainer.threads))
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    qcfg = _checked(lambda: QuantConfig.from_dict(_as_dict(cfg.quant)), "quant")
+    ocfg = _checked(lambda: OptimConfig.from_dict(_as_dict(cfg.optim)), "optim")
+    mcfg_raw = _as_dict(cfg.model)
+    max_steps = int(cfg.trainer.max_steps)
+    if max_steps <= 0:
+        raise ConfigError(f"trainer.max_steps must be positive, got {max_steps}")
+
+    source_model, tokenizer, provenance = build_source_model(mcfg_raw, qcfg)
+    dcfg = _checked(lambda: DataConfig(**_as_dict(cfg.data), seed=int(cfg.seed)), "data")
+    dm = TextDataModule(dcfg, tokenizer=tokenizer)
+    dm.prepare_data()
+    dm.setup("fit")
+    tokenizer = dm.tokenizer
+
+    if source_model is not None:
+        model_cfg = source_model.config
+    else:
+        arch = {k: v for k, v in mcfg_raw.items() if k not in ("init_from", "gguf_file")}
+        if arch.get("vocab_size") is None:
+            arch["vocab_size"] = int(math.ceil(len(tokenizer) / 64) * 64)
+        model_cfg = _checked(lambda: ModelConfig(**arch), "model")
+    check_vocab(tokenizer, model_cfg.vocab_size)
+    if dcfg.block_size > model_cfg.max_seq_len:
+        raise ConfigError(
+            f"data.block_size {dcfg.block_size} is larger than model.max_seq_len {model_cfg.max_seq_len}"
+        )
+
+    run_dir = resolve_run_dir(cfg)
+    resume = resolve_resume(cfg, run_dir)
+    if resume is not None:
+        check_resume_architecture(resume, model_cfg, qcfg)
+
+    lm = BitNetLM(model=model_cfg.to_dict(), quant=qcfg.to_dict(), optim=ocfg.to_dict(), total_steps=max_steps)
+    if source_model is not None and resume is None:
+        lm.model.load_state_dict(source_model.state_dict())
+    del source_model
+
+    # From here on the run directory exists.
+    os.environ.setdefault(RUN_DIR_ENV, str(run_dir))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = _make_trainer(cfg, run_dir)
+    if trainer.is_global_zero:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    t0 = time.time()
+    trainer.fit(lm, datamodule=dm, ckpt_path=str(resume) if resume else None)
+    train_seconds = time.time() - t0
+    val = trainer.validate(lm, datamodule=dm, verbose=False)
+    if not trainer.is_global_zero:
+        return {}
+
+    val_loss = float(val[0]["val/loss"]) if val else float("nan")
+    tokens = trainer.global_step * dcfg.batch_size * dcfg.block_size * trainer.world_size * trainer.accumulate_grad_batches
+    provenance = {
+        **provenance,
+        "recipe": cfg.name,
+        "step": trainer.global_step,
+        "tokens": tokens,
+        "seed": int(cfg.seed),
+    }
+    save_model_dir(run_dir / "model", lm.model, tokenizer, provenance)
+    summary = {
+        "recipe": cfg.name,
+        "quant": qcfg.method,
+        "val_loss": round(val_loss, 4),
+        "val_ppl": round(math.exp(min(val_loss, 50.0)), 3),
+        "steps": trainer.global_step,
+        "tokens": tokens,
+        "train_seconds": round(train_seconds, 1),
+        "params": lm.model.num_parameters(),
+        "run_dir": str(run_dir),
+    }
+    _record_and_report(summary, run_dir)
+    if cfg.sample_prompt:
+        print("\n--- sample ---\n" + _sample(lm.model, tokenizer, cfg.sample_prompt, int(cfg.sample_tokens), int(cfg.seed)))
+    return summary
+
+
+def _make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+    from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, TQDMProgressBar
+    from lightning.pytorch.loggers import CSVLogger
+
+    t, c = cfg.trainer, cfg.callbacks
+    callbacks: list[Callback] = [
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            filename="step{step:07d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=int(c.checkpoint_every_n_steps),
+            save_top_k=0,  # only last.ckpt: the newest state, replaced atomically
+            save_last=True,
+        ),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    if c.progress_bar == "rich":
+        callbacks.append(RichProgressBar(leave=True))
+    elif c.progress_bar == "tqdm":
+        callbacks.append(TQDMProgressBar())
+    if cfg.debug_kill_at_step:
+        callbacks.append(KillAtStep(int(cfg.debug_kill_at_step)))
+
+    loggers = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
+    if cfg.logger.kind == "wandb":
+        wandb_logger = _wandb_logger(cfg, run_dir)
+        if wandb_logger is not None:
+            loggers.insert(0, wandb_logger)
+
+    return L.Trainer(
+        default_root_dir=str(run_dir),
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        max_steps=int(t.max_steps),
+        max_epochs=-1,
+        val_check_interval=int(t.val_check_interval),
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches,
+        num_sanity_val_steps=int(t.num_sanity_val_steps),
+        gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=int(t.accumulate_grad_batches),
+        log_every_n_steps=int(t.log_every_n_steps),
+        callbacks=callbacks,
+        logger=loggers,
+        enable_progress_bar=c.progress_bar != "none",
+        enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
+        deterministic=False,
+    )
+
+
+def _wandb_logger(cfg: DictConfig, run_dir: Path):
+    try:
+        from lightning.pytorch.loggers import WandbLogger
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        return WandbLogger(
+            project=cfg.logger.project,
+            name=f"{cfg.name}-{cfg.quant.method}",
+            save_dir=str(run_dir),
+            offline=cfg.logger.mode != "online",
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+    except Exception as e:  # noqa: BLE001 - wandb is optional: fall back to CSV
+        print(f"warning: wandb logger unavailable ({e}); logging to CSV only")
+        return None
+
+
+def _record_and_report(summary: dict, run_dir: Path) -> None:
+    """Append to runs/results.jsonl beside the run and print this recipe's runs side by side
+    (ternary vs full precision under the same recipe)."""
+    results = _results_file(run_dir)
+    with results.open("a") as f:
+        f.write(json.dumps(summary) + "\n")
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    latest: dict[str, dict] = {}
+    for r in rows:
+        if r.get("recipe") == summary["recipe"]:
+            latest[r["quant"]] = r
+    print(f"\n{'recipe':<26}{'quant':<8}{'val ppl':>10}{'tokens':>12}{'train s':>10}")
+    for q, r in sorted(latest.items()):
+        print(f"{r['recipe']:<26}{q:<8}{r['val_ppl']:>10.2f}{r['tokens']:>12}{r['train_seconds']:>10.1f}")
+    print(f"model written to {run_dir / 'model'}")
+
+
+def _results_file(run_dir: Path) -> Path:
+    # runs/<name>-<quant>/<stamp> -> runs/results.jsonl; an explicit run_dir -> its parent
+    parent = run_dir.parent.parent if run_dir.parent.parent.name == "runs" else run_dir.parent
+    return parent / "results.jsonl"
+
+
+def _sample(model: BitNetModel, tokenizer, prompt: str, n: int, seed: int) -> str:
+    model.eval()
+    ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    out = model.generate(ids, n, temperature=0.8, top_k=50, generator=g)
+    return tokenizer.decode(out[0].tolist())

@@ -1,0 +1,99 @@
+// CPU kernels: per-ISA function tables (scalar reference, AVX2, AVX-512 VNNI) and run-time choice.
+//
+// The quantization contract (DESIGN.md):
+//   activation, per row:  s_x = 127 / max(max|x|, eps),  xq = clamp(nearbyint(x * s_x), -128, 127)
+//   ternary linear:       y = float(sum_k c[r,k] * xq[k]) * (s_w / s_x), int32 accumulation.
+// Each kernel handles a row range [r0, r1) of one matrix on the calling thread; threading lives
+// in the drivers (threading.h) so several matrices can share one parallel region.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cpu/i2_b128.h"
+
+namespace bitnet {
+
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2, U8 = 3 };
+const char* dtype_name(DType dt);
+int64_t dtype_size(DType dt);
+
+// m activation rows quantized to int8. Row i: codes q[i*stride .. i*stride + n_pad), zero past n
+// (n_pad = n rounded up to 128), scale s_x[i], and sum[i] = sum of its codes.
+struct QuantRows {
+  const int8_t* q = nullptr;
+  int64_t stride = 0;
+  const float* scale = nullptr;
+  const int32_t* sum = nullptr;
+  int64_t m = 0;
+};
+
+// Owning buffer for QuantRows (64-byte aligned codes).
+class QuantBuffer {
+ public:
+  void resize(int64_t m, int64_t n);  // keeps capacity
+  QuantRows view() const { return {q_, stride_, scale_.data(), sum_.data(), m_}; }
+  int8_t* q() { return q_; }
+  int64_t stride() const { return stride_; }
+  float* scale() { return scale_.data(); }
+  int32_t* sum() { return sum_.data(); }
+  int64_t n() const { return n_; }
+  int64_t m() const { return m_; }
+
+ private:
+  std::vector<int8_t> storage_;
+  int8_t* q_ = nullptr;
+  int64_t stride_ = 0, n_ = 0, m_ = 0;
+  std::vector<float> scale_;
+  std::vector<int32_t> sum_;
+};
+
+struct KernelTable {
+  const char* name;
+  // x: m rows of n floats (row stride x_stride) -> codes (row stride q_stride, zero-padded to a
+  // multiple of 128), s_x and code sums.
+  void (*quantize_rows)(const float* x, int64_t m, int64_t n, int64_t x_stride, float eps, int8_t* q,
+                        int64_t q_stride, float* s_x, int32_t* sum);
+  // w: i2_b128 matrix with n_blocks blocks per row. For r in [r0, r1), i in [0, x.m):
+  //   y[i*y_stride + r] = float(sum_k c[r,k] * xq[i,k]) * (s_w / s_x[i])
+  void (*ternary_rows)(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t r1, const QuantRows& x,
+                       float s_w, float* y, int64_t y_stride);
+  // w: dense (rows, n) matrix of dtype dt (f32/f16/bf16, any alignment). For r in [r0, r1), i < m:
+  //   y[i*y_stride + r] = sum_k w[r,k] * x[i*x_stride + k]      (fp32 accumulation)
+  void (*dense_rows)(const void* w, DType dt, int64_t n, int64_t r0, int64_t r1, const float* x, int64_t m,
+                     int64_t x_stride, float* y, int64_t y_stride);
+};
+
+// Scalar kernels: the reference every other path is tested against.
+extern const KernelTable kScalarKernels;
+#ifdef BITNET_HAVE_AVX2
+extern const KernelTable kAvx2Kernels;
+#endif
+#ifdef BITNET_HAVE_AVX512
+extern const KernelTable kAvx512Kernels;
+#endif
+
+// "scalar", "avx2", "avx512": those compiled in and supported by this CPU, best last.
+std::vector<std::string> available_isas();
+// The table for an ISA name; "" or "auto" picks BITNET_ISA from the environment if set, else the
+// best available. Throws std::invalid_argument for an unknown name and std::runtime_error for an
+// ISA this build or CPU lacks.
+const KernelTable& select_kernels(const std::string& isa);
+
+// Scan i2_b128 data for the invalid code q = 3; returns the index of the first bad byte or -1.
+int64_t find_invalid_i2_byte(const uint8_t* data, int64_t n_bytes);
+
+// fp16 / bf16 bit patterns -> fp32 (portable, used by the scalar paths and at load).
+float fp16_to_fp32(uint16_t h);
+inline float bf16_to_fp32(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+// Row r of a dense matrix (n columns) converted to fp32.
+void dense_row_to_fp32(const void* w, DType dt, int64_t n, int64_t r, float* out);
+
+}  // namespace bitnet

@@ -1,0 +1,153 @@
+// Scalar reference kernels (plain C++, readable top to bottom) and shared helpers.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "cpu/kernels.h"
+
+namespace bitnet {
+
+const char* dtype_name(DType dt) {
+  switch (dt) {
+    case DType::F32: return "f32";
+    case DType::F16: return "f16";
+    case DType::BF16: return "bf16";
+    case DType::U8: return "u8";
+  }
+  return "?";
+}
+
+int64_t dtype_size(DType dt) {
+  switch (dt) {
+    case DType::F32: return 4;
+    case DType::F16: return 2;
+    case DType::BF16: return 2;
+    case DType::U8: return 1;
+  }
+  return 0;
+}
+
+void QuantBuffer::resize(int64_t m, int64_t n) {
+  const int64_t n_pad = i2_blocks_per_row(n) * kI2BlockCodes;
+  const size_t need = static_cast<size_t>(m * n_pad) + 64;
+  if (storage_.size() < need) storage_.resize(need);
+  auto addr = reinterpret_cast<uintptr_t>(storage_.data());
+  q_ = storage_.data() + ((64 - addr % 64) % 64);
+  stride_ = n_pad;
+  n_ = n;
+  m_ = m;
+  scale_.resize(static_cast<size_t>(m));
+  sum_.resize(static_cast<size_t>(m));
+}
+
+float fp16_to_fp32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalise
+      int e = -1;
+      do {
+        ++e;
+        man <<= 1;
+      } while ((man & 0x400u) == 0);
+      bits = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | (man & 0x3ffu) << 13;
+    }
+  } else if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | man << 13;  // inf / nan
+  } else {
+    bits = sign | (exp + (127 - 15)) << 23 | man << 13;
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+namespace {
+
+// Element k of a dense matrix row (any alignment).
+inline float dense_at(const uint8_t* row, DType dt, int64_t k) {
+  if (dt == DType::F32) {
+    float f;
+    std::memcpy(&f, row + 4 * k, 4);
+    return f;
+  }
+  uint16_t h;
+  std::memcpy(&h, row + 2 * k, 2);
+  return dt == DType::F16 ? fp16_to_fp32(h) : bf16_to_fp32(h);
+}
+
+void quantize_rows_scalar(const float* x, int64_t m, int64_t n, int64_t x_stride, float eps, int8_t* q,
+                          int64_t q_stride, float* s_x, int32_t* sum) {
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xr = x + i * x_stride;
+    int8_t* qr = q + i * q_stride;
+    float amax = 0.0f;
+    for (int64_t k = 0; k < n; ++k) amax = std::fmax(amax, std::fabs(xr[k]));
+    const float s = 127.0f / std::fmax(amax, eps);
+    int32_t total = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      // nearbyint: current rounding mode (to nearest, ties to even), as torch.round.
+      const float v = std::fmin(std::fmax(std::nearbyint(xr[k] * s), -128.0f), 127.0f);
+      qr[k] = static_cast<int8_t>(v);
+      total += qr[k];
+    }
+    for (int64_t k = n; k < q_stride; ++k) qr[k] = 0;
+    s_x[i] = s;
+    sum[i] = total;
+  }
+}
+
+void ternary_rows_scalar(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t r1, const QuantRows& x,
+                         float s_w, float* y, int64_t y_stride) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w + r * n_blocks * kI2BlockBytes;
+    for (int64_t i = 0; i < x.m; ++i) {
+      const int8_t* xq = x.q + i * x.stride;
+      int32_t acc = 0;
+      for (int64_t b = 0; b < n_blocks; ++b) {
+        const uint8_t* blk = row + b * kI2BlockBytes;
+        for (int e = 0; e < kI2BlockCodes; ++e) acc += i2_code(blk, e) * xq[b * kI2BlockCodes + e];
+      }
+      y[i * y_stride + r] = static_cast<float>(acc) * (s_w / x.scale[i]);
+    }
+  }
+}
+
+void dense_rows_scalar(const void* w, DType dt, int64_t n, int64_t r0, int64_t r1, const float* x, int64_t m,
+                       int64_t x_stride, float* y, int64_t y_stride) {
+  const auto* base = static_cast<const uint8_t*>(w);
+  const int64_t esz = dtype_size(dt);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = base + r * n * esz;
+    for (int64_t i = 0; i < m; ++i) {
+      const float* xr = x + i * x_stride;
+      float acc = 0.0f;
+      for (int64_t k = 0; k < n; ++k) acc += dense_at(row, dt, k) * xr[k];
+      y[i * y_stride + r] = acc;
+    }
+  }
+}
+
+}  // namespace
+
+void dense_row_to_fp32(const void* w, DType dt, int64_t n, int64_t r, float* out) {
+  const auto* row = static_cast<const uint8_t*>(w) + r * n * dtype_size(dt);
+  for (int64_t k = 0; k < n; ++k) out[k] = dense_at(row, dt, k);
+}
+
+int64_t find_invalid_i2_byte(const uint8_t* data, int64_t n_bytes) {
+  // q = 3 is the only invalid 2-bit code: both bits of a field set.
+  for (int64_t i = 0; i < n_bytes; ++i) {
+    const uint8_t b = data[i];
+    if (b & (b >> 1) & 0x55u) return i;
+  }
+  return -1;
+}
+
+const KernelTable kScalarKernels = {"scalar", quantize_rows_scalar, ternary_rows_scalar, dense_rows_scalar};
+
+}  // namespace bitnet
