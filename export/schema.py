@@ -189,6 +189,4 @@ def loads_strict(text: str, what: str):
     try:
         return json.loads(text, object_pairs_hook=no_dupes, parse_constant=no_constants)
     except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
-        if isinstance(e, FormatError):
-            raise
         raise FormatError(f"{what} is not valid JSON: {e}") from None
