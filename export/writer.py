@@ -65,7 +65,8 @@ def cast_dense(name: str, x: np.ndarray, dtype: str) -> np.ndarray:
         return np.ascontiguousarray(x, dtype="<f4")
     if dtype == "BF16":
         return f32_to_bf16_bits(x)
-    y = x.astype("<f2")
+    with np.errstate(over="ignore"):
+        y = x.astype("<f2")
     if not np.isfinite(y).all():
         raise FormatError(f"tensor {name} has values beyond the float16 range (max |x| = {np.abs(x).max():.4g}); "
                           f"export with --dtype bf16 or fp32")

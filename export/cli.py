@@ -1,0 +1,122 @@
+"""`bitnet-export SOURCE -o OUT [--format bitnet|gguf|hf] [--packing 2bit|1.6bit] [--ptq] [--dtype ...]`
+
+SOURCE: a run directory (its model/ is exported), a Lightning checkpoint, a model/ directory, or
+with --ptq a Hugging Face Llama-family directory or GGUF file. Errors print one line and exit 2;
+the output appears only when it is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from .. import __version__
+from ..errors import BitNetError
+
+PACKING_OF = {"2bit": "i2_b128", "1.6bit": "t3_b5"}
+DTYPE_OF = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
+PROGRESS_MIN_BYTES = 64 << 20  # show progress bars from this much output on
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bitnet-export", description=__doc__.split("\n\n")[0])
+    p.add_argument("source", metavar="SOURCE", help="run directory, Lightning .ckpt, model/ directory "
+                   "(or with --ptq: a Hugging Face Llama directory or .gguf file)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file (bitnet, gguf) or directory (hf)")
+    p.add_argument("--format", choices=("bitnet", "gguf", "hf"), default="bitnet")
+    p.add_argument("--packing", choices=tuple(PACKING_OF), default="2bit",
+                   help="ternary packing: 2bit (i2_b128 / GGUF TQ2_0) or 1.6bit (t3_b5 / GGUF TQ1_0)")
+    p.add_argument("--ptq", action="store_true",
+                   help="ternarize post-training: allows models trained without quantization or with lambda < 1")
+    p.add_argument("--dtype", choices=tuple(DTYPE_OF), default="fp16", help="dtype of embeddings, norms, lm_head, "
+                   "high-precision linears")
+    p.add_argument("--tokenizer", metavar="DIR", help="take tokenizer.json / tokenizer_config.json from DIR")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def export(args: argparse.Namespace) -> "ExportSummary":
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .from_model import model_arrays
+    from .sources import load_source, read_tokenizer_dir
+    from .summary import make_summary, print_summary
+
+    console = Console(stderr=True)
+    packing, dtype = PACKING_OF[args.packing], DTYPE_OF[args.dtype]
+    out = Path(args.output)
+    if out.exists() and (out.is_dir() != (args.format == "hf")):
+        raise BitNetError(f"output {out} exists and is a {'directory' if out.is_dir() else 'file'}; "
+                          f"--format {args.format} writes a {'directory' if args.format == 'hf' else 'file'}")
+    src = load_source(args.source, ptq=args.ptq)
+    tok_json, tok_cfg = src.tokenizer_json, src.tokenizer_config
+    if args.tokenizer:
+        tok_json, tok_cfg = read_tokenizer_dir(Path(args.tokenizer))
+        if tok_json is None:
+            raise BitNetError(f"--tokenizer {args.tokenizer}: no tokenizer.json there")
+    provenance = {
+        **src.provenance,
+        "source": str(args.source),
+        "source_kind": src.kind,
+        "exporter": f"bitnet_train.export {__version__}",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "ptq": bool(args.ptq),
+    }
+    arrays = model_arrays(src.model, ptq=args.ptq, tokenizer_json=tok_json, tokenizer_config=tok_cfg,
+                          provenance=provenance)
+    del src
+    notes = [] if tok_json else ["no tokenizer.json found: the file has no tokenizer (pass --tokenizer DIR)"]
+    total = sum(c.size // 4 for c, _ in arrays.ternary.values()) + sum(2 * x.size for x in arrays.dense.values())
+    show = not args.quiet and total >= PROGRESS_MIN_BYTES
+    with Progress(TextColumn("writing"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  console=console, disable=not show, transient=True) as bar:
+        task = bar.add_task("write", total=total)
+        advance = lambda n: bar.advance(task, n)  # noqa: E731
+        fallbacks: dict[str, str] = {}
+        if args.format == "bitnet":
+            from .packing import packed_shape
+            from .writer import write_bitnet
+
+            write_bitnet(out, arrays, packing=packing, dense_dtype=dtype, progress=advance)
+            ternary_bytes = sum(math.prod(packed_shape(*c.shape, packing)) for c, _ in arrays.ternary.values())
+        elif args.format == "gguf":
+            from .gguf_writer import write_gguf
+
+            ternary_bytes, fallbacks, more = write_gguf(out, arrays, packing=packing, dense_dtype=dtype, progress=advance)
+            notes += more
+        else:
+            from .hf_writer import write_hf
+
+            ternary_bytes, more = write_hf(out, arrays, dense_dtype=dtype)
+            notes += more
+    summary = make_summary(arrays, out, args.format, packing if args.format != "hf" else "hf_i2_rows", dtype,
+                           ternary_bytes, fallbacks, notes)
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        print_summary(summary, Console())
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..cli_errors import run_cli
+
+    args = build_parser().parse_args(argv)
+
+    def run():
+        try:
+            export(args)
+        except OSError as e:  # disk full, permissions, ...: one line, like every other user error
+            raise BitNetError(f"{e.filename or args.output}: {e.strerror or e}") from None
+
+    return run_cli(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""What `bitnet-export` can read: a run directory, a Lightning checkpoint, a `model/` directory, or
+(with --ptq) a Hugging Face Llama-family directory / GGUF file. Each becomes a `LoadedSource`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import BitNetError, CheckpointError
+from ..model import BitNetModel, ModelConfig, QuantConfig
+from ..model_dir import FORMAT_NAME as MODEL_DIR_FORMAT
+from ..model_dir import load_model_dir, load_state_checked
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+@dataclass
+class LoadedSource:
+    model: BitNetModel
+    kind: str  # model_dir | checkpoint | hf
+    path: Path
+    tokenizer_json: str | None = None
+    tokenizer_config: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_tokenizer_dir(path: Path) -> tuple[str | None, dict]:
+    """(tokenizer.json text or None, tokenizer_config with the chat template folded in)."""
+    tok = path / "tokenizer.json"
+    tok_json = tok.read_text(encoding="utf-8") if tok.is_file() else None
+    tok_cfg: dict = {}
+    cfg_file = path / "tokenizer_config.json"
+    try:
+        if cfg_file.is_file():
+            tok_cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        special = path / "special_tokens_map.json"
+        if special.is_file():
+            for k, v in json.loads(special.read_text(encoding="utf-8")).items():
+                tok_cfg.setdefault(k, v)
+        if tok_json is not None:
+            json.loads(tok_json)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: tokenizer files are not valid JSON: {e}") from None
+    template = path / "chat_template.jinja"  # transformers 5 saves the chat template beside the config
+    if "chat_template" not in tok_cfg and template.is_file():
+        tok_cfg["chat_template"] = template.read_text(encoding="utf-8")
+    return tok_json, tok_cfg
+
+
+def _is_model_dir(path: Path) -> bool:
+    try:
+        return json.loads((path / "config.json").read_text()).get("format") == MODEL_DIR_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _load_model_dir(path: Path) -> LoadedSource:
+    try:
+        model, _, meta = load_model_dir(path, load_tokenizer=False)
+    except BitNetError:
+        raise
+    except Exception as e:  # a damaged model.safetensors raises the safetensors library's own errors
+        raise CheckpointError(f"cannot read model directory {path}: {e}") from None
+    tok_json, tok_cfg = read_tokenizer_dir(path)
+    prov = dict(meta.get("provenance") or {})
+    return LoadedSource(model, "model_dir", path, tok_json, tok_cfg, {
+        "recipe": prov.get("recipe"), "step": prov.get("step"),
+        "source_sha256": sha256_file(path / "model.safetensors"), "training": prov,
+    })
+
+
+def _load_checkpoint(path: Path) -> LoadedSource:
+    try:
+        # A Lightning checkpoint is a pickle (as train.py reads it): export only checkpoints you trust.
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for a bad file
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hp, dict) or not isinstance(hp.get("model"), dict) or not isinstance(hp.get("quant"), dict):
+        raise CheckpointError(f"{path} is not a bitnet_train checkpoint (no model/quant config in hyper_parameters)")
+    try:
+        model = BitNetModel(ModelConfig.from_dict(dict(hp["model"])), QuantConfig.from_dict(dict(hp["quant"])))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid model/quant config: {e}") from None
+    state = {k[len("model."):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("model.")}
+    if model.config.tie_embeddings and "embed_tokens.weight" in state:
+        state.setdefault("lm_head.weight", state["embed_tokens.weight"])
+    load_state_checked(model, {k: v.float() for k, v in state.items()}, str(path))
+    model.eval()
+    tok_json, tok_cfg = None, {}
+    for cand in (path.parent.parent / "model", path.parent.parent, path.parent):
+        if (cand / "tokenizer.json").is_file():
+            tok_json, tok_cfg = read_tokenizer_dir(cand)
+            break
+    return LoadedSource(model, "checkpoint", path, tok_json, tok_cfg, {
+        "recipe": hp.get("recipe"), "step": ckpt.get("global_step"), "source_sha256": sha256_file(path),
+    })
+
+
+def _load_hf(path: Path) -> LoadedSource:
+    from ..importers import load_hf_llama
+
+    model, tokenizer, info = load_hf_llama(path, quant=QuantConfig(method="none"), norm="none")
+    tok_json, tok_cfg = None, {}
+    if tokenizer is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            tok_json, tok_cfg = read_tokenizer_dir(Path(tmp))
+    digest = hashlib.sha256(json.dumps(info.get("sha256", {}), sort_keys=True).encode()).hexdigest()
+    return LoadedSource(model, "hf", path, tok_json, tok_cfg, {
+        "recipe": None, "step": None, "source_sha256": digest, "hf": info,
+    })
+
+
+def load_source(path: str | os.PathLike, *, ptq: bool = False) -> LoadedSource:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist (expected a run directory, a .ckpt or a model/ directory)")
+    if path.is_file():
+        if path.suffix == ".ckpt":
+            return _load_checkpoint(path)
+        if path.suffix == ".gguf":
+            if not ptq:
+                raise CheckpointError(f"{path} is a GGUF model, not a trained BitNet: pass --ptq to ternarize it")
+            return _load_hf(path)
+        raise CheckpointError(f"{path}: expected a Lightning checkpoint (.ckpt), a run directory or a model/ directory")
+    if _is_model_dir(path):
+        return _load_model_dir(path)
+    if _is_model_dir(path / "model"):
+        return _load_model_dir(path / "model")
+    if (path / "checkpoints").is_dir():
+        ckpts = sorted((path / "checkpoints").glob("*.ckpt"))
+        hint = f"; pass a checkpoint instead, e.g. {ckpts[-1]}" if ckpts else ""
+        raise CheckpointError(f"run directory {path} has no model/ (training has not finished){hint}")
+    if (path / "config.json").is_file():
+        if not ptq:
+            raise CheckpointError(f"{path} is a Hugging Face checkpoint, not a trained BitNet: pass --ptq to ternarize it")
+        return _load_hf(path)
+    raise CheckpointError(f"{path} is neither a run directory, a model/ directory nor a Hugging Face directory")
