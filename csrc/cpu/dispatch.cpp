@@ -1,0 +1,91 @@
+// Run-time choice of the kernel table: CPUID (__builtin_cpu_supports) + BITNET_ISA override.
+#include <cstdlib>
+#include <stdexcept>
+
+#include "cpu/kernels.h"
+
+namespace bitnet {
+namespace {
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+bool compiled(const std::string& isa) {
+  if (isa == "scalar") return true;
+#ifdef BITNET_HAVE_AVX2
+  if (isa == "avx2") return true;
+#endif
+#ifdef BITNET_HAVE_AVX512
+  if (isa == "avx512") return true;
+#endif
+  return false;
+}
+
+bool supported(const std::string& isa) {
+  if (isa == "scalar") return true;
+  if (isa == "avx2") return cpu_has_avx2();
+  if (isa == "avx512") return cpu_has_avx512();
+  return false;
+}
+
+const KernelTable& table(const std::string& isa) {
+#ifdef BITNET_HAVE_AVX512
+  if (isa == "avx512") return kAvx512Kernels;
+#endif
+#ifdef BITNET_HAVE_AVX2
+  if (isa == "avx2") return kAvx2Kernels;
+#endif
+  return kScalarKernels;
+}
+
+}  // namespace
+
+std::vector<std::string> available_isas() {
+  std::vector<std::string> out;
+  for (const char* isa : {"scalar", "avx2", "avx512"})
+    if (compiled(isa) && supported(isa)) out.emplace_back(isa);
+  return out;
+}
+
+const KernelTable& select_kernels(const std::string& requested) {
+  std::string isa = requested;
+  std::string source = "requested";
+  if (isa.empty() || isa == "auto") {
+    const char* env = std::getenv("BITNET_ISA");
+    if (env != nullptr && *env != '\0') {
+      isa = env;
+      source = "BITNET_ISA";
+    } else {
+      return table(available_isas().back());
+    }
+  }
+  if (isa != "scalar" && isa != "avx2" && isa != "avx512")
+    throw std::invalid_argument("unknown ISA '" + isa + "' (" + source +
+                                "); expected one of: scalar, avx2, avx512, auto");
+  if (!compiled(isa))
+    throw std::runtime_error("ISA '" + isa + "' (" + source + ") is not compiled into this build of the engine");
+  if (!supported(isa)) {
+    std::string have;
+    for (const auto& s : available_isas()) have += (have.empty() ? "" : ", ") + s;
+    throw std::runtime_error("ISA '" + isa + "' (" + source + ") is not supported by this CPU; available: " + have);
+  }
+  return table(isa);
+}
+
+}  // namespace bitnet

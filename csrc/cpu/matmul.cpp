@@ -1,0 +1,26 @@
+#include "cpu/matmul.h"
+
+#include <algorithm>
+
+#include "cpu/parallel.h"
+
+namespace bitnet {
+
+void ternary_matmul(const KernelTable& kt, const uint8_t* w, int64_t out, int64_t in, const QuantRows& x, float s_w,
+                    float* y, int threads) {
+  constexpr int64_t chunk = 32;
+  const int64_t n_blocks = i2_blocks_per_row(in);
+  parallel_for((out + chunk - 1) / chunk, threads, [&](int64_t c) {
+    kt.ternary_rows(w, n_blocks, c * chunk, std::min(out, (c + 1) * chunk), x, s_w, y, out);
+  });
+}
+
+void dense_matmul(const KernelTable& kt, const void* w, DType dt, int64_t out, int64_t in, const float* x, int64_t m,
+                  float* y, int threads) {
+  constexpr int64_t chunk = 16;
+  parallel_for((out + chunk - 1) / chunk, threads, [&](int64_t c) {
+    kt.dense_rows(w, dt, in, c * chunk, std::min(out, (c + 1) * chunk), x, m, in, y, out);
+  });
+}
+
+}  // namespace bitnet

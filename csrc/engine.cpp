@@ -1,0 +1,424 @@
+// CPU forward pass, op for op as bitnet_train/model.py (BitNetModel) defines it.
+#include "engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+
+#include "cpu/parallel.h"
+
+namespace bitnet {
+namespace {
+
+[[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(msg); }
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::ostringstream o;
+  o << "(";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << (s.size() == 1 ? ",)" : ")");
+  return o.str();
+}
+
+// Hands out named tensors, checking dtype and shape, and remembers which were used.
+class TensorTaker {
+ public:
+  explicit TensorTaker(const TensorMap& t) : t_(t) {}
+
+  bool has(const std::string& name) const { return t_.count(name) != 0; }
+
+  const TensorRef& take(const std::string& name, const std::vector<int64_t>& shape, bool dense_float,
+                        const char* what) {
+    auto it = t_.find(name);
+    if (it == t_.end()) fail("missing tensor '" + name + "' (" + what + ", expected shape " + shape_str(shape) + ")");
+    const TensorRef& r = it->second;
+    if (dense_float && r.dtype == DType::U8)
+      fail("tensor '" + name + "' has dtype u8; expected f32, f16 or bf16 (" + what + ")");
+    if (r.shape != shape)
+      fail("tensor '" + name + "' has shape " + shape_str(r.shape) + "; expected " + shape_str(shape) + " (" + what + ")");
+    if (r.data == nullptr) fail("tensor '" + name + "' has no data");
+    used_.insert(name);
+    return r;
+  }
+
+  std::vector<float> vector_f32(const std::string& name, int64_t n, const char* what) {
+    const TensorRef& r = take(name, {n}, true, what);
+    std::vector<float> out(static_cast<size_t>(n));
+    dense_row_to_fp32(r.data, r.dtype, n, 0, out.data());
+    return out;
+  }
+
+  void check_all_used() const {
+    std::string extra;
+    for (const auto& kv : t_)
+      if (!used_.count(kv.first)) extra += (extra.empty() ? "" : ", ") + std::string("'") + kv.first + "'";
+    if (!extra.empty()) fail("unexpected tensors for this model config: " + extra);
+  }
+
+ private:
+  const TensorMap& t_;
+  std::set<std::string> used_;
+};
+
+Linear load_linear(TensorTaker& t, const ModelConfig& cfg, const std::string& name, int64_t in, int64_t out) {
+  Linear lin;
+  lin.name = name;
+  lin.in = in;
+  lin.out = out;
+  const bool has_q = t.has(name + ".qweight"), has_w = t.has(name + ".weight");
+  if (has_q && has_w) fail("linear '" + name + "' has both '.qweight' (ternary) and '.weight' (dense); expected one");
+  if (has_q) {
+    lin.ternary = true;
+    lin.n_blocks = i2_blocks_per_row(in);
+    const TensorRef& q = t.take(name + ".qweight", {out, lin.n_blocks * kI2BlockBytes}, false, "i2_b128 ternary codes");
+    if (q.dtype != DType::U8) fail("tensor '" + name + ".qweight' has dtype " + dtype_name(q.dtype) + "; expected u8");
+    lin.qweight = static_cast<const uint8_t*>(q.data);
+    const int64_t bad = find_invalid_i2_byte(lin.qweight, out * lin.n_blocks * kI2BlockBytes);
+    if (bad >= 0)
+      fail("tensor '" + name + ".qweight' holds the invalid 2-bit code 3 at byte " + std::to_string(bad) +
+           "; i2_b128 codes are 0, 1, 2 (c + 1)");
+    const TensorRef& s = t.take(name + ".scale", {1}, true, "ternary weight scale s_w");
+    float sw;
+    dense_row_to_fp32(s.data, s.dtype, 1, 0, &sw);
+    if (!std::isfinite(sw) || sw <= 0.0f)
+      fail("tensor '" + name + ".scale' is " + std::to_string(sw) + "; expected a finite s_w > 0");
+    lin.s_w = sw;
+  } else {
+    const TensorRef& w = t.take(name + ".weight", {out, in}, true, "dense linear weight (hybrid precision)");
+    lin.dense = w.data;
+    lin.dense_dtype = w.dtype;
+  }
+  if (cfg.norm == NormKind::BitLinear) lin.norm = t.vector_f32(name + ".norm.weight", in, "in-layer RMSNorm weight");
+  return lin;
+}
+
+// out = w * (x * rsqrt(mean(x^2) + eps)) per row, as model.RMSNorm (fp32).
+void rmsnorm_rows(const float* x, float* out, int64_t m, int64_t n, const float* w, float eps) {
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xr = x + i * n;
+    float* o = out + i * n;
+    double ss = 0.0;
+    for (int64_t k = 0; k < n; ++k) ss += static_cast<double>(xr[k]) * xr[k];
+    const float inv = 1.0f / std::sqrt(static_cast<float>(ss / static_cast<double>(n)) + eps);
+    for (int64_t k = 0; k < n; ++k) o[k] = w[k] * (xr[k] * inv);
+  }
+}
+
+}  // namespace
+
+void ModelConfig::validate() const {
+  const std::pair<const char*, int64_t> sizes[] = {
+      {"vocab_size", vocab_size},   {"hidden_size", hidden_size}, {"intermediate_size", intermediate_size},
+      {"num_layers", num_layers},   {"num_heads", num_heads},     {"num_kv_heads", num_kv_heads},
+      {"head_dim", head_dim},       {"max_seq_len", max_seq_len}};
+  for (const auto& s : sizes)
+    if (s.second <= 0 || s.second > (int64_t{1} << 31))
+      fail(std::string("config ") + s.first + " = " + std::to_string(s.second) + "; expected 1 .. 2^31");
+  if (num_heads % num_kv_heads)
+    fail("config num_heads " + std::to_string(num_heads) + " is not a multiple of num_kv_heads " +
+         std::to_string(num_kv_heads));
+  if (head_dim % 2) fail("config head_dim " + std::to_string(head_dim) + " must be even (rotate-half RoPE)");
+  if (!(rope_theta > 0.0f) || !std::isfinite(rope_theta)) fail("config rope_theta must be a finite positive number");
+  if (!(rms_norm_eps > 0.0f) || !std::isfinite(rms_norm_eps)) fail("config rms_norm_eps must be a finite positive number");
+  if (!(act_eps > 0.0f) || !std::isfinite(act_eps)) fail("quant eps must be a finite positive number");
+}
+
+KVCache::KVCache(const ModelConfig& cfg, int64_t n_seqs, int64_t max_len)
+    : n_layers_(cfg.num_layers), n_seqs_(n_seqs), n_kv_(cfg.num_kv_heads), head_dim_(cfg.head_dim), max_len_(max_len) {
+  if (n_seqs < 1 || n_seqs > 65536) fail("KV cache n_seqs = " + std::to_string(n_seqs) + "; expected 1 .. 65536");
+  if (max_len < 1 || max_len > cfg.max_seq_len)
+    fail("KV cache max_len = " + std::to_string(max_len) + "; expected 1 .. max_seq_len " +
+         std::to_string(cfg.max_seq_len));
+  const size_t n = static_cast<size_t>(n_layers_ * n_seqs_ * n_kv_ * max_len_ * head_dim_);
+  k_.assign(n, 0.0f);
+  v_.assign(n, 0.0f);
+  lengths_.assign(static_cast<size_t>(n_seqs), 0);
+}
+
+int64_t KVCache::length(int64_t seq) const {
+  if (seq < 0 || seq >= n_seqs_) fail("sequence slot " + std::to_string(seq) + " out of range 0 .. " + std::to_string(n_seqs_ - 1));
+  return lengths_[static_cast<size_t>(seq)];
+}
+
+void KVCache::reset(int64_t seq) {
+  std::lock_guard<std::mutex> lock(busy_);
+  if (seq < 0) {
+    std::fill(lengths_.begin(), lengths_.end(), 0);
+    return;
+  }
+  length(seq);  // range check
+  lengths_[static_cast<size_t>(seq)] = 0;
+}
+
+Model::Model(const ModelConfig& cfg, const TensorMap& tensors, const std::string& isa)
+    : cfg_(cfg), kernels_(&select_kernels(isa)), threads_(std::max(1, max_threads())) {
+  cfg_.validate();
+  const int64_t d = cfg_.hidden_size, f = cfg_.intermediate_size, V = cfg_.vocab_size;
+  const int64_t qd = cfg_.num_heads * cfg_.head_dim, kvd = cfg_.num_kv_heads * cfg_.head_dim;
+  TensorTaker t(tensors);
+  const TensorRef& emb = t.take("embed_tokens.weight", {V, d}, true, "token embedding");
+  embed_ = emb.data;
+  embed_dtype_ = emb.dtype;
+  if (cfg_.tie_embeddings) {
+    if (t.has("lm_head.weight")) fail("tie_embeddings is true but the file has 'lm_head.weight'");
+    lm_head_ = embed_;
+    lm_head_dtype_ = embed_dtype_;
+  } else {
+    const TensorRef& lm = t.take("lm_head.weight", {V, d}, true, "lm_head");
+    lm_head_ = lm.data;
+    lm_head_dtype_ = lm.dtype;
+  }
+  final_norm_ = t.vector_f32("norm.weight", d, "final RMSNorm weight");
+  for (int64_t l = 0; l < cfg_.num_layers; ++l) {
+    const std::string p = "layers." + std::to_string(l) + ".";
+    Layer L;
+    L.input_norm = t.vector_f32(p + "input_layernorm.weight", d, "RMSNorm weight");
+    L.post_attention_norm = t.vector_f32(p + "post_attention_layernorm.weight", d, "RMSNorm weight");
+    L.q = load_linear(t, cfg_, p + "self_attn.q_proj", d, qd);
+    L.k = load_linear(t, cfg_, p + "self_attn.k_proj", d, kvd);
+    L.v = load_linear(t, cfg_, p + "self_attn.v_proj", d, kvd);
+    L.o = load_linear(t, cfg_, p + "self_attn.o_proj", qd, d);
+    L.gate = load_linear(t, cfg_, p + "mlp.gate_proj", d, f);
+    L.up = load_linear(t, cfg_, p + "mlp.up_proj", d, f);
+    L.down = load_linear(t, cfg_, p + "mlp.down_proj", f, d);
+    if (cfg_.norm == NormKind::SubLN) {
+      L.attn_sub_norm = t.vector_f32(p + "self_attn.attn_sub_norm.weight", qd, "SubLN weight");
+      L.ffn_sub_norm = t.vector_f32(p + "mlp.ffn_sub_norm.weight", f, "SubLN weight");
+    }
+    layers_.push_back(std::move(L));
+  }
+  t.check_all_used();
+
+  // RoPE, rotate-half (HF Llama): fp32 as model.rope_cache computes it.
+  const int64_t half = cfg_.head_dim / 2;
+  rope_cos_.resize(static_cast<size_t>(cfg_.max_seq_len * half));
+  rope_sin_.resize(rope_cos_.size());
+  for (int64_t i = 0; i < half; ++i) {
+    const float expo = static_cast<float>(2 * i) / static_cast<float>(cfg_.head_dim);
+    const float inv_freq = 1.0f / std::pow(cfg_.rope_theta, expo);
+    for (int64_t pos = 0; pos < cfg_.max_seq_len; ++pos) {
+      const float a = static_cast<float>(pos) * inv_freq;
+      rope_cos_[pos * half + i] = std::cos(a);
+      rope_sin_[pos * half + i] = std::sin(a);
+    }
+  }
+}
+
+void Model::set_threads(int n) {
+  if (n < 1 || n > 4096) fail("threads = " + std::to_string(n) + "; expected 1 .. 4096");
+  threads_ = n;
+}
+
+int64_t Model::weight_bytes_per_token() const {
+  auto lin_bytes = [](const Linear& l) {
+    return l.ternary ? l.out * l.n_blocks * kI2BlockBytes + 4 : l.out * l.in * dtype_size(l.dense_dtype);
+  };
+  int64_t total = cfg_.vocab_size * cfg_.hidden_size * dtype_size(lm_head_dtype_) + cfg_.hidden_size * dtype_size(embed_dtype_);
+  for (const Layer& L : layers_)
+    for (const Linear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) total += lin_bytes(*l);
+  return total;
+}
+
+int64_t Model::logits_rows(const Batch& batch, bool all_logits) const {
+  if (batch.offsets.empty()) return 0;
+  return all_logits ? batch.offsets.back() : static_cast<int64_t>(batch.seq_ids.size());
+}
+
+void Model::check_batch(const KVCache& cache, const Batch& b) const {
+  if (cache.n_layers_ != cfg_.num_layers || cache.n_kv_ != cfg_.num_kv_heads || cache.head_dim_ != cfg_.head_dim)
+    fail("KV cache was made for another model config");
+  const size_t n = b.seq_ids.size();
+  if (n == 0) fail("empty batch: expected at least one sequence");
+  if (b.offsets.size() != n + 1 || b.offsets[0] != 0)
+    fail("batch offsets must have len(seq_ids) + 1 entries starting at 0");
+  std::set<int64_t> seen;
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t s = b.seq_ids[i];
+    if (s < 0 || s >= cache.n_seqs_)
+      fail("sequence slot " + std::to_string(s) + " out of range 0 .. " + std::to_string(cache.n_seqs_ - 1));
+    if (!seen.insert(s).second) fail("sequence slot " + std::to_string(s) + " appears twice in one batch");
+    const int64_t count = b.offsets[i + 1] - b.offsets[i];
+    if (count < 1) fail("sequence slot " + std::to_string(s) + " has no new tokens");
+    const int64_t have = cache.lengths_[static_cast<size_t>(s)];
+    if (have + count > cache.max_len_)
+      fail("sequence slot " + std::to_string(s) + " holds " + std::to_string(have) + " tokens; adding " +
+           std::to_string(count) + " exceeds the context of " + std::to_string(cache.max_len_) + " positions");
+  }
+  const int64_t total = b.offsets.back();
+  if (total > 0 && b.tokens == nullptr) fail("batch has no token data");
+  for (int64_t i = 0; i < total; ++i)
+    if (b.tokens[i] < 0 || b.tokens[i] >= cfg_.vocab_size)
+      fail("token id " + std::to_string(b.tokens[i]) + " at index " + std::to_string(i) + " outside the vocabulary 0 .. " +
+           std::to_string(cfg_.vocab_size - 1));
+}
+
+void Model::run_linears(std::vector<MatJob>& jobs, int64_t m) const {
+  struct Task {
+    const MatJob* job;
+    int64_t r0, r1;
+  };
+  std::vector<Task> tasks;
+  for (const MatJob& j : jobs) {
+    const int64_t chunk = j.lin->ternary ? 32 : 16;
+    for (int64_t r = 0; r < j.lin->out; r += chunk) tasks.push_back({&j, r, std::min(j.lin->out, r + chunk)});
+  }
+  const KernelTable& kt = *kernels_;
+  parallel_for(static_cast<int64_t>(tasks.size()), threads_, [&](int64_t ti) {
+    const Task& t = tasks[static_cast<size_t>(ti)];
+    const Linear& l = *t.job->lin;
+    if (l.ternary)
+      kt.ternary_rows(l.qweight, l.n_blocks, t.r0, t.r1, *t.job->xq, l.s_w, t.job->y, l.out);
+    else
+      kt.dense_rows(l.dense, l.dense_dtype, l.in, t.r0, t.r1, t.job->x, m, l.in, t.job->y, l.out);
+  });
+}
+
+void Model::linears(const std::vector<const Linear*>& lins, const float* x, int64_t m,
+                    const std::vector<float*>& ys) const {
+  const int64_t in = lins[0]->in;
+  const bool in_layer_norm = cfg_.norm == NormKind::BitLinear;
+  const size_t n = lins.size();
+  // BitLinear: each linear normalises and quantises its own input; otherwise one shared input.
+  std::vector<std::vector<float>> normed(in_layer_norm ? n : 0);
+  std::vector<QuantBuffer> qbuf(in_layer_norm ? n : 1);
+  std::vector<QuantRows> qrows(qbuf.size());
+  std::vector<MatJob> jobs;
+  bool shared_quantized = false;
+  for (size_t i = 0; i < n; ++i) {
+    const Linear& l = *lins[i];
+    const float* xin = x;
+    if (in_layer_norm) {
+      normed[i].resize(static_cast<size_t>(m * in));
+      rmsnorm_rows(x, normed[i].data(), m, in, l.norm.data(), cfg_.rms_norm_eps);
+      xin = normed[i].data();
+    }
+    const size_t qi = in_layer_norm ? i : 0;
+    if (l.ternary && (in_layer_norm || !shared_quantized)) {
+      qbuf[qi].resize(m, in);
+      kernels_->quantize_rows(xin, m, in, in, cfg_.act_eps, qbuf[qi].q(), qbuf[qi].stride(), qbuf[qi].scale(),
+                              qbuf[qi].sum());
+      qrows[qi] = qbuf[qi].view();
+      shared_quantized = true;
+    }
+    jobs.push_back({&l, &qrows[qi], xin, ys[i]});
+  }
+  run_linears(jobs, m);
+}
+
+void Model::forward(KVCache& cache, const Batch& b, bool all_logits, float* logits) const {
+  std::unique_lock<std::mutex> lock(cache.busy_, std::try_to_lock);
+  if (!lock.owns_lock()) throw std::runtime_error("KV cache is in use by another forward call");
+  check_batch(cache, b);
+  const int64_t N = b.offsets.back();
+  const int64_t d = cfg_.hidden_size, f = cfg_.intermediate_size, hd = cfg_.head_dim, half = hd / 2;
+  const int64_t nh = cfg_.num_heads, nkv = cfg_.num_kv_heads, qd = nh * hd, kvd = nkv * hd;
+  const int64_t group = nh / nkv;
+
+  std::vector<int64_t> tok_seq(static_cast<size_t>(N)), tok_pos(static_cast<size_t>(N));
+  for (size_t i = 0; i + 1 < b.offsets.size(); ++i)
+    for (int64_t t = b.offsets[i]; t < b.offsets[i + 1]; ++t) {
+      tok_seq[t] = b.seq_ids[i];
+      tok_pos[t] = cache.lengths_[static_cast<size_t>(b.seq_ids[i])] + (t - b.offsets[i]);
+    }
+
+  std::vector<float> x(N * d), h(N * d), o(N * d), q(N * qd), k(N * kvd), v(N * kvd), att(N * qd), g(N * f), u(N * f);
+  for (int64_t t = 0; t < N; ++t) dense_row_to_fp32(embed_, embed_dtype_, d, b.tokens[t], x.data() + t * d);
+
+  auto rope = [&](float* rows, int64_t heads) {  // rows: (N, heads * hd)
+    for (int64_t t = 0; t < N; ++t) {
+      const float* c = rope_cos_.data() + tok_pos[t] * half;
+      const float* s = rope_sin_.data() + tok_pos[t] * half;
+      for (int64_t hh = 0; hh < heads; ++hh) {
+        float* r = rows + (t * heads + hh) * hd;
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = r[i], x2 = r[i + half];
+          r[i] = x1 * c[i] - x2 * s[i];
+          r[i + half] = x2 * c[i] + x1 * s[i];
+        }
+      }
+    }
+  };
+  const float attn_scale = 1.0f / std::sqrt(static_cast<float>(hd));
+
+  for (int64_t l = 0; l < cfg_.num_layers; ++l) {
+    const Layer& L = layers_[static_cast<size_t>(l)];
+    // attention
+    rmsnorm_rows(x.data(), h.data(), N, d, L.input_norm.data(), cfg_.rms_norm_eps);
+    linears({&L.q, &L.k, &L.v}, h.data(), N, {q.data(), k.data(), v.data()});
+    rope(q.data(), nh);
+    rope(k.data(), nkv);
+    for (int64_t t = 0; t < N; ++t)
+      for (int64_t kh = 0; kh < nkv; ++kh) {
+        std::copy_n(k.data() + (t * nkv + kh) * hd, hd, cache.k(l, tok_seq[t], kh) + tok_pos[t] * hd);
+        std::copy_n(v.data() + (t * nkv + kh) * hd, hd, cache.v(l, tok_seq[t], kh) + tok_pos[t] * hd);
+      }
+    parallel_for(N * nh, threads_, [&](int64_t task) {
+      const int64_t t = task / nh, hh = task % nh, kh = hh / group, pos = tok_pos[t];
+      const float* qv = q.data() + (t * nh + hh) * hd;
+      const float* K = cache.k(l, tok_seq[t], kh);
+      const float* Vc = cache.v(l, tok_seq[t], kh);
+      thread_local std::vector<float> scores;
+      scores.resize(static_cast<size_t>(pos + 1));
+      float mx = -INFINITY;
+      for (int64_t j = 0; j <= pos; ++j) {  // causal: positions 0 .. pos of this sequence
+        float s = 0.0f;
+        for (int64_t i = 0; i < hd; ++i) s += qv[i] * K[j * hd + i];
+        scores[j] = s * attn_scale;
+        mx = std::max(mx, scores[j]);
+      }
+      float denom = 0.0f;
+      for (int64_t j = 0; j <= pos; ++j) {
+        scores[j] = std::exp(scores[j] - mx);
+        denom += scores[j];
+      }
+      float* out = att.data() + (t * nh + hh) * hd;
+      std::fill_n(out, hd, 0.0f);
+      for (int64_t j = 0; j <= pos; ++j) {
+        const float p = scores[j];
+        for (int64_t i = 0; i < hd; ++i) out[i] += p * Vc[j * hd + i];
+      }
+      const float inv = 1.0f / denom;
+      for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
+    });
+    if (cfg_.norm == NormKind::SubLN) rmsnorm_rows(att.data(), att.data(), N, qd, L.attn_sub_norm.data(), cfg_.rms_norm_eps);
+    linears({&L.o}, att.data(), N, {o.data()});
+    for (int64_t i = 0; i < N * d; ++i) x[i] += o[i];
+
+    // feed-forward
+    rmsnorm_rows(x.data(), h.data(), N, d, L.post_attention_norm.data(), cfg_.rms_norm_eps);
+    linears({&L.gate, &L.up}, h.data(), N, {g.data(), u.data()});
+    if (cfg_.ffn == FfnKind::SwiGLU) {
+      for (int64_t i = 0; i < N * f; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    } else {
+      for (int64_t i = 0; i < N * f; ++i) {
+        const float r = std::max(g[i], 0.0f);
+        g[i] = r * r * u[i];
+      }
+    }
+    if (cfg_.norm == NormKind::SubLN) rmsnorm_rows(g.data(), g.data(), N, f, L.ffn_sub_norm.data(), cfg_.rms_norm_eps);
+    linears({&L.down}, g.data(), N, {o.data()});
+    for (int64_t i = 0; i < N * d; ++i) x[i] += o[i];
+  }
+  for (size_t i = 0; i < b.seq_ids.size(); ++i)
+    cache.lengths_[static_cast<size_t>(b.seq_ids[i])] += b.offsets[i + 1] - b.offsets[i];
+
+  // final norm + lm_head on the rows asked for
+  const int64_t R = logits_rows(b, all_logits);
+  std::vector<float> hn(R * d);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t t = all_logits ? r : b.offsets[static_cast<size_t>(r) + 1] - 1;
+    rmsnorm_rows(x.data() + t * d, hn.data() + r * d, 1, d, final_norm_.data(), cfg_.rms_norm_eps);
+  }
+  Linear head;
+  head.name = "lm_head";
+  head.in = d;
+  head.out = cfg_.vocab_size;
+  head.dense = lm_head_;
+  head.dense_dtype = lm_head_dtype_;
+  std::vector<MatJob> jobs{{&head, nullptr, hn.data(), logits}};
+  run_linears(jobs, R);
+}
+
+}  // namespace bitnet
