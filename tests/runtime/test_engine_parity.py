@@ -1,0 +1,153 @@
+"""Full forward of the C++ engine vs the PyTorch reference built from the same exported file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from bitnet_train.export.from_model import model_arrays  # noqa: E402
+from bitnet_train.export.reference import build_reference_model  # noqa: E402
+from bitnet_train.export.writer import write_bitnet  # noqa: E402
+from bitnet_train.model import BitNetModel, ModelConfig, QuantConfig  # noqa: E402
+from bitnet_train.runtime import Engine, _C  # noqa: E402
+
+ISAS = _C.available_isas()
+BASE = dict(vocab_size=211, hidden_size=96, intermediate_size=200, num_layers=2, num_heads=4, num_kv_heads=2,
+            max_seq_len=48, init_std=0.08)
+
+VARIANTS = {
+    "subln-swiglu-gqa": dict(norm="subln", ffn="swiglu"),
+    "bitlinear-relu2": dict(norm="bitlinear", ffn="relu2", num_kv_heads=4),
+    "none-swiglu-mqa-tied": dict(norm="none", ffn="swiglu", num_kv_heads=1, tie_embeddings=True),
+    "subln-relu2-headdim": dict(norm="subln", ffn="relu2", head_dim=32),
+}
+
+
+def make_model(overrides: dict, keep: list[str] | None = None, seed: int = 0) -> BitNetModel:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**BASE, **overrides})
+    model = BitNetModel(cfg, QuantConfig(keep_high_precision=keep or []))
+    with torch.no_grad():  # norms away from 1 so that every norm weight matters
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def export(model: BitNetModel, path, dense_dtype="F32", packing="i2_b128"):
+    return write_bitnet(path, model_arrays(model), packing=packing, dense_dtype=dense_dtype)
+
+
+def prompts(vocab: int, lengths=(7, 12, 3), seed=1) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, n) for n in lengths]
+
+
+def ref_logits(ref, seq: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return ref(torch.from_numpy(np.asarray(seq, np.int64))[None])[0].numpy()
+
+
+def assert_close(a: np.ndarray, b: np.ndarray, what: str):
+    """Logits agree: most rows to float rounding, every row within a few int8 rounding flips.
+
+    Summation order differs (softmax, RMSNorm, dense sums), so now and then x * s_x lands on the
+    other side of a .5 and one activation code differs by 1; that moves later logits by ~1%.
+    """
+    scale = float(np.abs(b).max())
+    row_err = np.abs(a - b).max(-1) / scale  # (T,)
+    assert row_err.max() <= 0.05, f"{what}: max |diff| {row_err.max():.3g} of the logit scale {scale:.3g}"
+    assert np.median(row_err) <= 1e-4, f"{what}: median row error {np.median(row_err):.3g} (rows {row_err})"
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9, f"{what}: argmax disagrees"
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_prefill_logits_match_reference(tmp_path, variant):
+    model = make_model(VARIANTS[variant])
+    path = export(model, tmp_path / "m.bitnet")
+    ref = build_reference_model(path)
+    eng = Engine.load(path)
+    for seq in prompts(model.config.vocab_size):
+        got = eng.forward(seq)
+        assert got.shape == (len(seq), model.config.vocab_size)
+        assert_close(got, ref_logits(ref, seq), f"{variant} len {len(seq)}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_isa_gives_the_same_logits(tmp_path, isa):
+    model = make_model(VARIANTS["subln-swiglu-gqa"])
+    path = export(model, tmp_path / "m.bitnet", dense_dtype="F16")
+    seq = prompts(model.config.vocab_size, lengths=(20,))[0]
+    base = Engine.load(path, isa="scalar").forward(seq)
+    eng = Engine.load(path, isa=isa)
+    assert eng.isa() == isa
+    # ternary math is integer-exact on every path; only dense fp32 sums (lm_head) reorder.
+    np.testing.assert_allclose(eng.forward(seq), base, rtol=1e-4, atol=1e-4 * np.abs(base).max())
+
+
+@pytest.mark.parametrize("dense_dtype", ["F16", "BF16"])
+def test_half_precision_files(tmp_path, dense_dtype):
+    model = make_model(VARIANTS["subln-swiglu-gqa"])
+    path = export(model, tmp_path / "m.bitnet", dense_dtype=dense_dtype)
+    ref = build_reference_model(path)  # converts the file's dense tensors to fp32 exactly
+    seq = prompts(model.config.vocab_size, lengths=(15,))[0]
+    assert_close(Engine.load(path).forward(seq), ref_logits(ref, seq), dense_dtype)
+
+
+def test_hybrid_precision_and_t3_packing(tmp_path):
+    model = make_model(VARIANTS["bitlinear-relu2"], keep=["layers.0.mlp.*", "layers.1.self_attn.o_proj"])
+    ref_path = export(model, tmp_path / "i2.bitnet")
+    ref = build_reference_model(ref_path)
+    seq = prompts(model.config.vocab_size, lengths=(11,))[0]
+    want = ref_logits(ref, seq)
+    assert_close(Engine.load(ref_path).forward(seq), want, "hybrid i2_b128")
+    t3 = export(model, tmp_path / "t3.bitnet", packing="t3_b5")
+    assert_close(Engine.load(t3).forward(seq), want, "hybrid t3_b5")
+
+
+def test_kv_cache_decode_matches_full_prefill(tmp_path):
+    model = make_model(VARIANTS["subln-swiglu-gqa"])
+    eng = Engine.load(export(model, tmp_path / "m.bitnet"))
+    seqs = prompts(model.config.vocab_size, lengths=(9, 4, 13))
+    full = [eng.forward(s) for s in seqs]
+    cache = eng.new_cache(n_seqs=3)
+    # ragged prefill of the first 3 tokens of each, then the rest one token at a time for all three
+    first = eng.forward([s[:3] for s in seqs], cache=cache)
+    for i in range(3):
+        np.testing.assert_allclose(first[i], full[i][:3], rtol=1e-5, atol=1e-5)
+    for t in range(3, 13):
+        live = [i for i, s in enumerate(seqs) if t < len(s)]
+        out = eng.forward([[int(seqs[i][t])] for i in live], cache=cache, seq_ids=live, last_only=True)
+        for row, i in zip(out, live):
+            np.testing.assert_allclose(row, full[i][t], rtol=1e-4, atol=1e-4 * np.abs(full[i][t]).max())
+    assert [cache.length(i) for i in range(3)] == [9, 4, 13]
+
+
+def test_greedy_tokens_match_reference(tmp_path):
+    model = make_model(VARIANTS["subln-swiglu-gqa"], seed=3)
+    path = export(model, tmp_path / "m.bitnet", dense_dtype="F16")
+    ref = build_reference_model(path)
+    eng = Engine.load(path)
+    prompt = prompts(model.config.vocab_size, lengths=(5,))[0]
+    steps = model.config.max_seq_len - len(prompt)
+    ids = torch.from_numpy(prompt.astype(np.int64))[None]
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, ref(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    want = ids[0, len(prompt):].tolist()
+    cache = eng.new_cache()
+    nxt = int(eng.forward(prompt, cache=cache, last_only=True).argmax())
+    got = [nxt]
+    for _ in range(steps - 1):
+        nxt = int(eng.forward([nxt], cache=cache, last_only=True).argmax())
+        got.append(nxt)
+    assert got == want
+
+
+def test_engine_logits_match_the_trained_model_with_fp32_export(tmp_path):
+    model = make_model(VARIANTS["subln-swiglu-gqa"])
+    eng = Engine.load(export(model, tmp_path / "m.bitnet", dense_dtype="F32"))
+    seq = prompts(model.config.vocab_size, lengths=(16,))[0]
+    assert_close(eng.forward(seq), ref_logits(model, seq), "trained model")
