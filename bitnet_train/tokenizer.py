@@ -43,17 +43,24 @@ def bpe_cache_key(content_hash: str, vocab_size: int) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, cache_dir: Path | None) -> PreTrainedTokenizerFast:
-    """Train (or load from `cache_dir`) a byte-level BPE with `<|endoftext|>` as eos/bos/pad."""
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, cache_dir: Path | None, *, content_hash: str | None = None
+) -> PreTrainedTokenizerFast:
+    """Train (or load from `cache_dir`) a byte-level BPE with `<|endoftext|>` as eos/bos/pad.
+
+    content_hash: `corpus_hash(texts)` when the caller has it already (saves a pass over the corpus).
+    """
     if vocab_size < MIN_BPE_VOCAB_SIZE:
-        raise DataError(f"bpe_vocab_size {vocab_size} is too small: a byte-level BPE needs at least {MIN_BPE_VOCAB_SIZE}")
+        raise DataError(
+            f"bpe_vocab_size {vocab_size} is too small: a byte-level BPE needs at least {MIN_BPE_VOCAB_SIZE}"
+        )
     texts = texts if isinstance(texts, (list, tuple)) else list(texts)
     if not any(texts):
         raise DataError("cannot train a BPE tokenizer on an empty corpus")
     if cache_dir is None:
         return wrap_tokenizer(_train_bpe(texts, vocab_size))
 
-    entry = Path(cache_dir) / f"bpe-{bpe_cache_key(corpus_hash(texts), vocab_size)}"
+    entry = Path(cache_dir) / f"bpe-{bpe_cache_key(content_hash or corpus_hash(texts), vocab_size)}"
     if (entry / "tokenizer.json").is_file():
         return load_tokenizer(entry)
     tokenizer = wrap_tokenizer(_train_bpe(texts, vocab_size))
@@ -123,7 +130,9 @@ def _default_eos(tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
     if tokenizer.eos_token is not None:
         return
     if EOS_TOKEN not in tokenizer.get_vocab():
-        raise DataError(f"tokenizer {path} has no eos token and no {EOS_TOKEN} token; set eos_token in tokenizer_config.json")
+        raise DataError(
+            f"tokenizer {path} has no eos token and no {EOS_TOKEN} token; set eos_token in tokenizer_config.json"
+        )
     tokenizer.eos_token = EOS_TOKEN
     tokenizer.bos_token = tokenizer.bos_token or EOS_TOKEN
     tokenizer.pad_token = tokenizer.pad_token or EOS_TOKEN
