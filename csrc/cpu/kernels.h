@@ -74,6 +74,9 @@ extern const KernelTable kAvx2Kernels;
 #ifdef BITNET_HAVE_AVX512
 extern const KernelTable kAvx512Kernels;
 #endif
+#ifdef BITNET_HAVE_AVX512_EMULATED  // C++ test build: AVX-512 code on SIMDe (see kernels_avx512.cpp)
+extern const KernelTable kAvx512EmulatedKernels;
+#endif
 
 // "scalar", "avx2", "avx512": those compiled in and supported by this CPU, best last.
 std::vector<std::string> available_isas();

@@ -5,7 +5,18 @@
 // (0, 2) bits per half for elements 0..63 and by (4, 6) for 64..127, so each masked half lines up
 // with 32 contiguous activations. _mm512_dpbusd_epi32(acc, q_u8, x_i8) then sums q*x in int32;
 // sum(c*x) = sum(q*x) - sum(x) with q = c + 1.
+//
+// BITNET_AVX512_EMULATE (C++ test build only): the same code on SIMDe's portable AVX-512, so the
+// logic is tested against the scalar reference on CPUs without AVX-512.
+#ifdef BITNET_AVX512_EMULATE
+#include "tests/avx512_emulation.h"
+#define BITNET_AVX512_TABLE kAvx512EmulatedKernels
+#define BITNET_AVX512_NAME "avx512-emulated"
+#else
 #include <immintrin.h>
+#define BITNET_AVX512_TABLE kAvx512Kernels
+#define BITNET_AVX512_NAME "avx512"
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -167,6 +178,6 @@ void dense_rows_avx512(const void* w, DType dt, int64_t n, int64_t r0, int64_t r
 
 }  // namespace
 
-const KernelTable kAvx512Kernels = {"avx512", quantize_rows_avx512, ternary_rows_avx512, dense_rows_avx512};
+const KernelTable BITNET_AVX512_TABLE = {BITNET_AVX512_NAME, quantize_rows_avx512, ternary_rows_avx512, dense_rows_avx512};
 
 }  // namespace bitnet
