@@ -1,0 +1,145 @@
+"""`--format hf`: a Hugging Face directory in the transformers BitNet layout (offline AutoBitLinear).
+
+    config.json          model_type "bitnet" (SubLN models) or "llama" (norm none / bitlinear), with
+                         quantization_config {quant_method: bitnet, linear_class: autobitlinear,
+                         quantization_mode: offline, modules_to_not_convert: [lm_head, hybrid linears],
+                         use_rms_norm: true for norm "bitlinear"}
+    model.safetensors    ternary linear NAME: `model.NAME.weight` uint8 (out/4, in), codes + 1 packed
+                         along rows as transformers' `pack_weights` (stored row r, bits 2i..2i+1 hold
+                         row r + i*out/4), and `model.NAME.weight_scale` (1,) = s_w, multiplied
+                         (AutoBitLinear: y = F.linear(act_quant(x), codes) * weight_scale)
+    tokenizer.json, tokenizer_config.json
+
+What transformers 5.x supports (integrations/bitnet.py, models/bitnet): the BitNet model's SubLN
+norms are hidden_size wide (so num_heads * head_dim == hidden_size); packed rows need
+out_features % 4 == 0; the in-layer RMSNorm (use_rms_norm) applies to every converted linear, so
+norm "bitlinear" cannot be combined with hybrid-precision linears. Other models are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_dir
+from .schema import FormatError, linear_shapes
+from .writer import ModelArrays
+
+VALUES_PER_ITEM = 4
+TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+
+
+def pack_hf_rows(codes: np.ndarray) -> np.ndarray:
+    """(out, in) codes -> (out/4, in) uint8, transformers' BitNet `pack_weights` layout."""
+    out = codes.shape[0]
+    rows = out // VALUES_PER_ITEM
+    q = (codes.astype(np.int16) + 1).astype(np.uint8).reshape(VALUES_PER_ITEM, rows, codes.shape[1])
+    return (q[0] | (q[1] << 2) | (q[2] << 4) | (q[3] << 6)).astype(np.uint8)
+
+
+def unpack_hf_rows(packed: np.ndarray) -> np.ndarray:
+    return np.concatenate([((packed >> (2 * i)) & 3).astype(np.int8) - 1 for i in range(VALUES_PER_ITEM)], axis=0)
+
+
+def hf_config(arrays: ModelArrays, dense_dtype: str) -> dict:
+    cfg = arrays.config
+    if cfg["norm"] == "subln" and cfg["num_heads"] * cfg["head_dim"] != cfg["hidden_size"]:
+        raise FormatError("transformers' BitNet model sizes attn_sub_norm by hidden_size: needs num_heads * head_dim "
+                          f"== hidden_size, got {cfg['num_heads']} * {cfg['head_dim']} != {cfg['hidden_size']}")
+    linears = linear_shapes(cfg)
+    dense_linears = [n for n in linears if n not in arrays.ternary]
+    if cfg["norm"] == "bitlinear" and dense_linears:
+        raise FormatError("transformers applies use_rms_norm to converted linears only: norm 'bitlinear' with "
+                          f"high-precision linears ({dense_linears[:3]}) has no HF BitNet layout")
+    for name, (n_out, _) in linears.items():
+        if name in arrays.ternary and n_out % VALUES_PER_ITEM:
+            raise FormatError(f"{name}: out_features {n_out} is not a multiple of 4 (transformers packs 4 rows per byte)")
+    subln = cfg["norm"] == "subln"
+    tc = arrays.tokenizer_config
+    vocab = {}
+    if arrays.tokenizer_json:
+        tj = json.loads(arrays.tokenizer_json)
+        vocab = dict((tj.get("model") or {}).get("vocab") or {})
+        vocab.update({a["content"]: a["id"] for a in tj.get("added_tokens", [])})
+
+    def token_id(key):
+        t = tc.get(key)
+        t = t.get("content") if isinstance(t, dict) else t
+        return vocab.get(t) if isinstance(t, str) else None
+
+    return {
+        "architectures": ["BitNetForCausalLM" if subln else "LlamaForCausalLM"],
+        "model_type": "bitnet" if subln else "llama",
+        "vocab_size": cfg["vocab_size"],
+        "hidden_size": cfg["hidden_size"],
+        "intermediate_size": cfg["intermediate_size"],
+        "num_hidden_layers": cfg["num_layers"],
+        "num_attention_heads": cfg["num_heads"],
+        "num_key_value_heads": cfg["num_kv_heads"],
+        "head_dim": cfg["head_dim"],
+        "max_position_embeddings": cfg["max_seq_len"],
+        "rms_norm_eps": cfg["rms_norm_eps"],
+        "rope_theta": cfg["rope_theta"],
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg["rope_theta"]},
+        "hidden_act": "relu2" if cfg["ffn"] == "relu2" else "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": cfg["tie_embeddings"],
+        "bos_token_id": token_id("bos_token"),
+        "eos_token_id": token_id("eos_token"),
+        "pad_token_id": token_id("pad_token"),
+        "dtype": TORCH_DTYPES[dense_dtype],
+        "quantization_config": {
+            "quant_method": "bitnet",
+            "linear_class": "autobitlinear",
+            "quantization_mode": "offline",
+            "modules_to_not_convert": ["lm_head"] + [f"model.{n}" for n in dense_linears],
+            "use_rms_norm": cfg["norm"] == "bitlinear",
+            "rms_norm_eps": cfg["rms_norm_eps"],
+        },
+    }
+
+
+def hf_name(name: str) -> str:
+    """Our stored dense name -> transformers' state-dict key."""
+    if name == "lm_head.weight":
+        return name
+    if name.endswith(".norm.weight") and name[: -len(".norm.weight")].split(".")[-1].endswith("_proj"):
+        name = name[: -len(".norm.weight")] + ".rms_norm.weight"  # AutoBitLinear(use_rms_norm=True)
+    return f"model.{name}"
+
+
+def write_hf(path: str | os.PathLike, arrays: ModelArrays, dense_dtype: str = "F16") -> tuple[int, list[str]]:
+    """Write the HF directory (atomically). -> (bytes of packed ternary weights, notes)."""
+    import torch
+    from safetensors.torch import save_file
+
+    config = hf_config(arrays, dense_dtype)
+    dtype = getattr(torch, TORCH_DTYPES[dense_dtype])
+    state: dict[str, torch.Tensor] = {}
+    ternary_bytes = 0
+    for name, (codes, s_w) in arrays.ternary.items():
+        packed = pack_hf_rows(codes)
+        state[f"model.{name}.weight"] = torch.from_numpy(packed)
+        state[f"model.{name}.weight_scale"] = torch.tensor([s_w], dtype=torch.float32).to(dtype)
+        ternary_bytes += packed.nbytes
+    for name, x in arrays.dense.items():
+        state[hf_name(name)] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dtype)
+    notes = ["transformers' BitNet integration: weight_scale is multiplied (offline AutoBitLinear); "
+             f"weight_scale stored in {TORCH_DTYPES[dense_dtype]}"]
+    if abs(arrays.eps - 1e-5) > 1e-12:
+        notes.append(f"quant eps {arrays.eps} differs from transformers' fixed 1e-5 activation clamp")
+    with atomic_dir(path) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if arrays.tokenizer_json:
+            (tmp / "tokenizer.json").write_text(arrays.tokenizer_json, encoding="utf-8")
+            (tmp / "tokenizer_config.json").write_text(json.dumps(arrays.tokenizer_config, indent=2), encoding="utf-8")
+        else:
+            notes.append("no tokenizer in the source: the directory has no tokenizer files")
+        (tmp / "bitnet_export.json").write_text(json.dumps({"provenance": arrays.provenance}, indent=2, sort_keys=True))
+    return ternary_bytes, notes
