@@ -30,11 +30,37 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            return compose(config_name="train", overrides=list(overrides))
+            return compose(config_name="train", overrides=[_schema_override(o) for o in overrides])
     except HydraException as e:
         raise ConfigError(_explain(e, overrides)) from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"bad configuration: {e}".splitlines()[0]) from None
+
+
+def _schema_fields() -> dict[str, set[str]]:
+    """Config groups whose keys are defined by a dataclass: every field may be overridden, also
+    one the group's YAML leaves at its default."""
+    from .data import DataConfig
+    from .model import ModelConfig, QuantConfig
+    from .schedule import OptimConfig
+
+    def names(cls):
+        return set(cls.__dataclass_fields__)
+
+    return {
+        "data": names(DataConfig) - {"seed"},
+        "quant": names(QuantConfig),
+        "optim": names(OptimConfig),
+        "model": names(ModelConfig) | {"init_from", "gguf_file"},
+    }
+
+
+def _schema_override(override: str) -> str:
+    key, sep, value = override.partition("=")
+    group, dot, field = key.partition(".")
+    if sep and dot and not key.startswith(("+", "~")) and field in _schema_fields().get(group, ()):
+        return f"++{key}={value}"
+    return override
 
 
 def _explain(e: Exception, overrides: list[str]) -> str:
