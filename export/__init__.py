@@ -1,1 +1,14 @@
-"""Packing, the .bitnet format and bitnet-export."""
+"""Packing, the .bitnet format and bitnet-export.
+
+    FORMAT.md       the .bitnet v1 file format (byte layouts, metadata schema, validation rules)
+    packing         i2_b128 / t3_b5 pack and unpack, vectorized and scalar reference (numpy only)
+    schema          what a v1 file must contain; FormatError (numpy-free, torch-free)
+    reader          open_model(path) -> BitNetFile: validate, then memory-map (numpy only)
+    writer          ModelArrays -> .bitnet file, atomically (numpy only)
+    from_model      trained BitNetModel (torch) -> ModelArrays: the export quantization step
+    sources         run dir / Lightning .ckpt / model/ dir / (--ptq) HF Llama dir or GGUF -> model
+    gguf_writer     --format gguf (llama.cpp: bitnet / llama arch, TQ2_0 / TQ1_0)
+    hf_writer       --format hf (transformers BitNet offline autobitlinear layout)
+    reference       the PyTorch forward built from a .bitnet file (the runtime's parity reference)
+    summary, cli    bitnet-export
+"""

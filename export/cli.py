@@ -54,6 +54,8 @@ def export(args: argparse.Namespace) -> "ExportSummary":
     if out.exists() and (out.is_dir() != (args.format == "hf")):
         raise BitNetError(f"output {out} exists and is a {'directory' if out.is_dir() else 'file'}; "
                           f"--format {args.format} writes a {'directory' if args.format == 'hf' else 'file'}")
+    if args.format == "hf" and packing != "i2_b128":
+        raise BitNetError("--format hf has only transformers' 2-bit layout; drop --packing 1.6bit")
     src = load_source(args.source, ptq=args.ptq)
     tok_json, tok_cfg = src.tokenizer_json, src.tokenizer_config
     if args.tokenizer:
@@ -95,7 +97,8 @@ def export(args: argparse.Namespace) -> "ExportSummary":
 
             ternary_bytes, more = write_hf(out, arrays, dense_dtype=dtype)
             notes += more
-    summary = make_summary(arrays, out, args.format, packing if args.format != "hf" else "hf_i2_rows", dtype,
+    label = {"bitnet": packing, "gguf": {"i2_b128": "TQ2_0", "t3_b5": "TQ1_0"}[packing], "hf": "hf_2bit_rows"}
+    summary = make_summary(arrays, out, args.format, label[args.format], dtype,
                            ternary_bytes, fallbacks, notes)
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))

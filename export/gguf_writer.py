@@ -11,8 +11,8 @@ Architecture (llama.cpp `src/models/*.cpp`):
 Ternary linears are TQ2_0 (2.0625 bits/weight, `--packing 2bit`) or TQ1_0 (1.6875, `1.6bit`),
 quantized from codes * s_w, so each 256-block's fp16 scale is s_w (llama.cpp's own BitNet
 converter does the same). TQ blocks run along rows: a linear whose row length (in_features) is not
-a multiple of 256 falls back to F16 (codes * s_w, exact up to fp16 rounding of s_w) and the summary
-names it. 1-D tensors (norms) are F32; embeddings, output and hybrid linears use --dtype.
+a multiple of 256 falls back to Q8_0 (8.5 bits/weight: every code is +-127 or 0 times a block scale
+s_w/127 in fp16) or, if not a multiple of 32 either, to F16 (codes * s_w); the summary names each. 1-D tensors (norms) are F32; embeddings, output and hybrid linears use --dtype.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from .atomic import atomic_file
 from .schema import FormatError, linear_shapes
 from .writer import ModelArrays, f32_to_bf16_bits
 
-QK_K = 256
+QK_K = 256  # TQ1_0 / TQ2_0 block: codes along a row
+Q8_BLOCK = 32  # Q8_0 block, the fallback
 
 _LINEAR_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -196,8 +197,13 @@ def write_gguf(
                 data = quantize(for_rows, qtype)
                 w.add_tensor(gguf_name(name), data, raw_dtype=qtype)
                 ternary_bytes += data.nbytes
+            elif wq is not None and linears[name][1] % Q8_BLOCK == 0:
+                fallbacks[gguf_name(name)] = f"in_features {linears[name][1]} is not a multiple of {QK_K}: Q8_0"
+                data = quantize(for_rows, gguf.GGMLQuantizationType.Q8_0)
+                w.add_tensor(gguf_name(name), data, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+                ternary_bytes += data.nbytes
             elif wq is not None:
-                fallbacks[gguf_name(name)] = f"in_features {linears[name][1]} is not a multiple of {QK_K}: F16"
+                fallbacks[gguf_name(name)] = f"in_features {linears[name][1]} is not a multiple of {Q8_BLOCK}: F16"
                 data = for_rows.astype(np.float16)
                 w.add_tensor(gguf_name(name), data)
                 ternary_bytes += data.nbytes

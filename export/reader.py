@@ -61,6 +61,8 @@ class BitNetFile:
         e = self._entries.get(name)
         if e is None:
             raise FormatError(f"{self.path}: no tensor named {name!r}")
+        if self._map is None:
+            raise FormatError(f"{self.path}: the file is closed")
         begin, end = e["data_offsets"]
         raw = self._map[self._data_start + begin:self._data_start + end]
         view = raw.view(NP_DTYPES[e["dtype"]]).reshape(e["shape"])

@@ -15,7 +15,7 @@ from bitnet_train.export.schema import FormatError
 from bitnet_train.model import BitNetModel, ModelConfig, QuantConfig
 from bitnet_train.model_dir import save_model_dir
 
-from conftest import TINY, train_tiny
+from tiny_models import TINY, train_tiny
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from bitnet_train.model import BitNetModel, ModelConfig, QuantConfig
 from bitnet_train.model_dir import save_model_dir
 from bitnet_train.quant import set_model_lambda
 
-from conftest import TINY, train_tiny
+from tiny_models import TINY, train_tiny
 
 pytestmark = pytest.mark.slow
 
