@@ -78,7 +78,7 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_tiny_run_writes_model_dir_and_reports(corpus, tmp_path):
     run_dir = tmp_path / "runs" / "a"
-    r = cli(tiny_overrides(corpus, run_dir, sample_prompt="Thou", sample_tokens=8), tmp_path)
+    r = cli(tiny_overrides(corpus, run_dir, sample_prompt="Thou", sample_tokens=8, logger="wandb"), tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     model, tok, meta = load_model_dir(run_dir / "model")
     assert meta["quant"]["method"] == "b1.58" and meta["provenance"]["step"] == 8
@@ -88,6 +88,7 @@ def test_tiny_run_writes_model_dir_and_reports(corpus, tmp_path):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert not list((run_dir / "checkpoints").glob("*.tmp-*"))
     assert (run_dir / "logs" / "metrics.csv").is_file()
+    assert list((run_dir / "wandb").glob("offline-run-*")), "wandb should log offline by default"
     result = json.loads((tmp_path / "runs" / "results.jsonl").read_text().splitlines()[-1])
     assert result["quant"] == "b1.58" and result["steps"] == 8 and result["val_ppl"] > 1
     assert "val ppl" in r.stdout and "--- sample ---" in r.stdout
