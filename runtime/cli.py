@@ -1,0 +1,339 @@
+"""`bitnet-run generate|chat|eval|bench|random-model ...`: serve a .bitnet file on the CPU engine.
+
+    bitnet-run generate model.bitnet --prompt "ROMEO:" --max-new-tokens 64 [--temperature 0 | --seed 1]
+    bitnet-run chat model.bitnet [--system TEXT]          # one user message per stdin line
+    bitnet-run eval model.bitnet text.txt [--window N --stride N] [--json]
+    bitnet-run bench model.bitnet [--prefill 128 --decode 64] [--json]   # or: bench --shape bitnet-large
+    bitnet-run random-model --shape bitnet-large -o large.bitnet          # random ternary weights, for speed runs
+
+Common options: --device cpu|cuda, --threads N, --isa scalar|avx2|avx512. Errors print one line
+`error: ...` on stderr and exit 2 (BITNET_TRACEBACK=1 shows the traceback). No torch needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..errors import BitNetError
+
+EXIT_USER_ERROR = 2
+
+
+class CLIError(BitNetError):
+    """A bad command line (a missing file, an unavailable device)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other error of the tool
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+# ---- shared options -------------------------------------------------------------------------------
+
+def _add_engine_args(p: argparse.ArgumentParser, model_optional: bool = False) -> None:
+    p.add_argument("model", metavar="MODEL", nargs="?" if model_optional else None, help="a .bitnet file")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: BITNET_THREADS or all cores)")
+    p.add_argument("--isa", default=None, help="force a kernel path: scalar, avx2, avx512 (default: the best "
+                   "this CPU has, or BITNET_ISA)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=40, help="0 = off")
+    g.add_argument("--top-p", type=float, default=0.95, help="in (0, 1]; 1 = off")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 0; 1 = off")
+    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+
+
+def _sampling(args):
+    from .sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def _load_engine(args):
+    if args.device == "cuda":
+        raise CLIError("--device cuda: no CUDA build/GPU available (this build has the CPU engine only); "
+                       "use --device cpu")
+    path = Path(args.model)
+    if not path.is_file():
+        raise CLIError(f"model file {path} does not exist" if not path.exists() else f"model {path} is not a file")
+    from .engine import Engine
+
+    return Engine.load(path, isa=args.isa, threads=args.threads)
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, ensure_ascii=False))
+
+
+# ---- subcommands ----------------------------------------------------------------------------------
+
+def add_generate_args(p):
+    _add_engine_args(p)
+    p.add_argument("-p", "--prompt", action="append", default=[], help="prompt text (repeatable: one batch)")
+    p.add_argument("--prompt-file", help="a file whose whole text is one more prompt")
+    p.add_argument("--no-echo", action="store_true", help="do not print the prompt before its continuation")
+    p.add_argument("--json", action="store_true", help="print completions and speed as one JSON object")
+    _add_sampling_args(p, max_new_tokens=128)
+
+
+def cmd_generate(args) -> None:
+    """Complete one or more prompts; one prompt streams to the terminal as it is produced."""
+    from .generate import Generator
+
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        prompts.append(Path(args.prompt_file).read_text(encoding="utf-8"))
+    if not prompts:
+        raise CLIError("generate needs --prompt TEXT (or --prompt-file FILE)")
+    sampling = _sampling(args)
+    eng = _load_engine(args)
+    gen = Generator(eng)
+    stream = gen.stream(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop,
+                        ignore_eos=args.ignore_eos)
+    if args.json:
+        stream.run()
+        _print_json({
+            "completions": [{"index": c.index, "prompt": prompts[c.index], "text": c.text, "token_ids": c.token_ids,
+                             "prompt_tokens": len(c.prompt_ids), "finish_reason": c.finish_reason}
+                            for c in stream.completions],
+            "stats": {**stream.stats.as_dict(), "isa": eng.isa(), "threads": eng.threads},
+        })
+        return
+    out = sys.stdout
+    if len(prompts) == 1:
+        if not args.no_echo:
+            out.write(prompts[0])
+        for event in stream:
+            out.write(event.text)
+            out.flush()
+        out.write("\n")
+    else:
+        for event in stream:
+            c = stream.completions[event.index]
+            if c.finish_reason is not None:  # print each prompt's text when it is complete
+                head = f"--- [{c.index}] ({c.finish_reason}) ---\n"
+                out.write(head + ("" if args.no_echo else prompts[c.index]) + c.text + "\n")
+                out.flush()
+    s = stream.stats.as_dict()
+    print(f"[{s['generated_tokens']} tokens; prefill {s['prefill_tok_s']} tok/s, decode {s['decode_tok_s']} tok/s; "
+          f"{eng.isa()}, {eng.threads} threads]", file=sys.stderr)
+
+
+def add_chat_args(p):
+    _add_engine_args(p)
+    p.add_argument("--system", help="system message at the start of the conversation")
+    _add_sampling_args(p, max_new_tokens=512)
+
+
+def cmd_chat(args) -> None:
+    """Multi-turn chat with the file's chat template: each stdin line is a user message
+    (/reset forgets the conversation, /exit ends). Works with piped stdin."""
+    from .generate import Generator, PromptTooLongError
+
+    sampling = _sampling(args)
+    eng = _load_engine(args)
+    gen = Generator(eng)
+    if gen.tokenizer is None:
+        raise CLIError(f"{args.model} has no tokenizer; chat needs one")
+    tok = gen.tokenizer
+    base = [{"role": "system", "content": args.system}] if args.system else []
+    tok.apply_chat_template(base + [{"role": "user", "content": "hi"}])  # no template -> error before any input
+    interactive = sys.stdin.isatty()
+    messages = list(base)
+    while True:
+        if interactive:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = list(base)
+            continue
+        messages.append({"role": "user", "content": line})
+        text = tok.apply_chat_template(messages, add_generation_prompt=True)
+        ids = tok.encode(text, add_special_tokens=False)
+        room = eng.max_seq_len - len(ids) + 1
+        if room < 1:
+            raise PromptTooLongError(f"the conversation has {len(ids)} tokens; the model's context is "
+                                     f"{eng.max_seq_len} tokens (/reset starts over)")
+        stream = gen.stream([ids], max_new_tokens=min(args.max_new_tokens, room), sampling=sampling,
+                            stop=args.stop, ignore_eos=args.ignore_eos)
+        for event in stream:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": stream.completions[0].text})
+
+
+def add_eval_args(p):
+    _add_engine_args(p)
+    p.add_argument("text", metavar="TEXT_FILE", help="UTF-8 text file to score")
+    p.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's context)")
+    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: window / 2)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the file")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def cmd_eval(args) -> None:
+    """Perplexity of the model over a text file (strided windows of its context)."""
+    from .evaluate import perplexity
+    from .tokenizer import Tokenizer
+
+    path = Path(args.text)
+    if not path.is_file():
+        raise CLIError(f"text file {path} does not exist")
+    eng = _load_engine(args)
+    tok = Tokenizer.from_model_file(eng)
+    ids = tok.encode(path.read_text(encoding="utf-8"))
+    if args.max_tokens is not None:
+        if args.max_tokens < 2:
+            raise CLIError(f"--max-tokens must be >= 2, got {args.max_tokens}")
+        ids = ids[:args.max_tokens]
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                  TimeRemainingColumn(), console=console, disable=args.quiet, transient=True) as bar:
+        task = bar.add_task("eval", total=max(len(ids) - 1, 1))
+        res = perplexity(eng, ids, window=args.window, stride=args.stride,
+                         progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if args.json:
+        _print_json({"file": str(path), **res.as_dict(), "isa": eng.isa(), "threads": eng.threads})
+    else:
+        print(f"perplexity {res.ppl:.4f} over {res.tokens} tokens (nll {res.nll:.4f} nats/token, top-1 "
+              f"{100 * res.top1:.2f}%); {res.windows} windows of {res.window} tokens, stride {res.stride}; "
+              f"{res.seconds:.2f} s")
+
+
+def add_bench_args(p):
+    _add_engine_args(p, model_optional=True)
+    p.add_argument("--shape", help="bench random ternary weights of a named shape in memory instead of MODEL: "
+                   "bitnet-large, bitnet-2b, smollm2-135m")
+    p.add_argument("--tie", action="store_true", help="with --shape: tie lm_head to the embedding")
+    p.add_argument("--prefill", type=int, default=128, help="prompt tokens of the prefill")
+    p.add_argument("--decode", type=int, default=64, help="decode steps after the prefill")
+    p.add_argument("--no-bandwidth", action="store_true", help="skip measuring the memory bandwidth")
+    p.add_argument("--json", action="store_true")
+
+
+def cmd_bench(args) -> None:
+    """Prefill and decode tokens/s, bytes per token and the fraction of measured read bandwidth."""
+    from .bench import SHAPES, measure_speed, random_model
+
+    if (args.model is None) == (args.shape is None):
+        raise CLIError("bench needs MODEL or --shape NAME (one of them)")
+    if args.shape is not None:
+        if args.shape not in SHAPES:
+            raise CLIError(f"unknown --shape {args.shape!r}; expected one of {', '.join(SHAPES)}")
+        if args.device == "cuda":
+            raise CLIError("--device cuda: no CUDA build/GPU available (this build has the CPU engine only); "
+                           "use --device cpu")
+        from .engine import Engine
+
+        cfg, tensors = random_model(args.shape, max(args.prefill + args.decode, 8), tie=args.tie)
+        eng = Engine(cfg, tensors, {"eps": 1e-5}, isa=args.isa, threads=args.threads)
+        what = {"shape": args.shape}
+    else:
+        eng = _load_engine(args)
+        what = {"model": str(args.model)}
+    res = {**what, **measure_speed(eng, args.prefill, args.decode, bandwidth=not args.no_bandwidth)}
+    if args.json:
+        _print_json(res)
+    else:
+        for k, v in res.items():
+            print(f"{k:>24}: {v}")
+
+
+def add_random_model_args(p):
+    from .bench import SHAPES
+
+    p.add_argument("--shape", required=True, choices=list(SHAPES))
+    p.add_argument("-o", "--output", required=True, metavar="FILE")
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tie", action="store_true", help="tie lm_head to the embedding")
+    p.add_argument("--packing", choices=("2bit", "1.6bit"), default="2bit")
+
+
+def cmd_random_model(args) -> None:
+    """Write a .bitnet file with random ternary weights of a named shape (for speed runs)."""
+    from .bench import write_random_model
+
+    if args.max_seq_len < 1:
+        raise CLIError(f"--max-seq-len must be >= 1, got {args.max_seq_len}")
+    path = write_random_model(args.output, args.shape, args.max_seq_len, seed=args.seed, tie=args.tie,
+                              packing={"2bit": "i2_b128", "1.6bit": "t3_b5"}[args.packing])
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, shape {args.shape}, random ternary weights)")
+
+
+# ---- the one place subcommands are registered -----------------------------------------------------
+
+SUBCOMMANDS = {
+    "generate": (add_generate_args, cmd_generate),
+    "chat": (add_chat_args, cmd_chat),
+    "eval": (add_eval_args, cmd_eval),
+    "bench": (add_bench_args, cmd_bench),
+    "random-model": (add_random_model_args, cmd_random_model),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="bitnet-run", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    for name, (add_args, fn) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=fn.__doc__.split("\n")[0], description=fn.__doc__)
+        add_args(sp)
+        sp.set_defaults(func=fn)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed as one line
+        return e.code if isinstance(e.code, int) else 0
+    try:
+        args.func(args)
+        return 0
+    except (BitNetError, ValueError, RuntimeError, OSError) as e:
+        if isinstance(e, BrokenPipeError):  # `bitnet-run generate ... | head`
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        if os.environ.get("BITNET_TRACEBACK"):
+            raise
+        msg = str(e).strip().replace("\n", " ") or type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Perplexity of a token stream with strided windows of the model's context. numpy only.
+
+    res = perplexity(engine, ids, window=256, stride=128, progress=lambda done, total: ...)
+    res.ppl, res.nll, res.top1, res.tokens
+
+Windows start every `stride` tokens and span `window` tokens (the last one ends at the stream's
+end). Each token is scored once, in the first window that predicts it, so a token after the first
+window sees at least `window - stride` tokens of context (stride == window: disjoint windows; the
+first token of each window is then not scored, as it has no context).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass
+class PerplexityResult:
+    tokens: int  # tokens scored
+    nll: float  # mean negative log-likelihood, nats/token
+    ppl: float  # exp(nll)
+    top1: float  # fraction of scored tokens that were the argmax prediction
+    windows: int
+    window: int
+    stride: int
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored target) of each window over n tokens; targets [first, end) are scored."""
+    out, prev_end, begin = [], 1, 0
+    while True:
+        end = min(begin + window, n)
+        out.append((begin, end, max(prev_end, begin + 1)))
+        prev_end = end
+        if end >= n:
+            return out
+        begin += stride
+
+
+def perplexity(
+    engine,
+    ids: Sequence[int] | np.ndarray,
+    window: int | None = None,
+    stride: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> PerplexityResult:
+    """ids: the token stream. window: default (and at most) the model's context; stride: default window // 2.
+    progress(tokens scored so far, tokens to score) after each window."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    ctx = engine.max_seq_len
+    window = ctx if window is None else int(window)
+    if not 2 <= window <= ctx:
+        raise ValueError(f"window must be in [2, {ctx}] (the model's context), got {window}")
+    stride = max(window // 2, 1) if stride is None else int(stride)
+    if not 1 <= stride <= window:
+        raise ValueError(f"stride must be in [1, window = {window}], got {stride}")
+    if ids.size < 2:
+        raise ValueError(f"perplexity needs at least 2 tokens, got {ids.size}")
+    spans = windows(ids.size, window, stride)
+    total = sum(end - first for _, end, first in spans)
+    nll_sum, correct, scored = 0.0, 0, 0
+    t0 = time.perf_counter()
+    for begin, end, first in spans:
+        if first >= end:
+            continue
+        logits = engine.forward(ids[begin:end]).astype(np.float64)  # (T, vocab)
+        pred = logits[first - 1 - begin:end - 1 - begin]  # rows predicting targets [first, end)
+        targets = ids[first:end]
+        m = pred.max(-1, keepdims=True)
+        lse = (m[:, 0] + np.log(np.exp(pred - m).sum(-1)))
+        nll_sum += float((lse - pred[np.arange(len(targets)), targets]).sum())
+        correct += int((pred.argmax(-1) == targets).sum())
+        scored += len(targets)
+        if progress is not None:
+            progress(scored, total)
+    nll = nll_sum / scored
+    return PerplexityResult(tokens=scored, nll=nll, ppl=math.exp(nll), top1=correct / scored, windows=len(spans),
+                            window=window, stride=stride, seconds=time.perf_counter() - t0)

@@ -1,0 +1,185 @@
+"""`bitnet-run` end to end on a tiny file: subprocesses for what users run, in-process for each bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bitnet_train.runtime import Engine, Generator, SamplingParams, _C
+from bitnet_train.runtime import bench as bench_mod
+from bitnet_train.runtime.cli import main
+
+import tiny_files
+
+ENV = {**os.environ, "BITNET_THREADS": "1"}
+ENV.pop("BITNET_TRACEBACK", None)
+ENV.pop("BITNET_ISA", None)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return tiny_files.build(str(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("text") / "plays.txt"
+    p.write_text("\n".join(tiny_files.CORPUS * 6), encoding="utf-8")
+    return p
+
+
+def run_cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bitnet_train.runtime.cli", *map(str, args)], input=stdin,
+                          capture_output=True, text=True, env=ENV, timeout=120)
+
+
+def test_generate_json_matches_the_api(files):
+    r = run_cli("generate", files["model"], "-p", "To be", "-p", "Friends, Romans", "--temperature", "0",
+                "--max-new-tokens", "12", "--ignore-eos", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    want = Generator(Engine.load(files["model"], threads=1)).generate(
+        ["To be", "Friends, Romans"], max_new_tokens=12, ignore_eos=True)
+    assert [c["token_ids"] for c in out["completions"]] == [c.token_ids for c in want]
+    assert [c["text"] for c in out["completions"]] == [c.text for c in want]
+    assert out["completions"][0]["finish_reason"] == "length"
+    stats = out["stats"]
+    assert stats["generated_tokens"] == 24 and stats["threads"] == 1 and stats["decode_tok_s"] > 0
+
+
+def test_generate_streams_prompt_and_text(files):
+    r = run_cli("generate", files["model"], "--prompt", "To be", "--max-new-tokens", "10", "--seed", "3",
+                "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    gen = Generator(Engine.load(files["model"], threads=1))
+    want = gen.generate("To be", max_new_tokens=10, ignore_eos=True,
+                        sampling=SamplingParams(temperature=0.8, top_k=40, top_p=0.95, seed=3))[0]
+    assert r.stdout == "To be" + want.text + "\n"
+    assert "10 tokens" in r.stderr
+
+
+def test_chat_reads_piped_stdin_turn_by_turn(files):
+    r = run_cli("chat", files["model"], "--temperature", "0", "--max-new-tokens", "4", "--system", "be",
+                stdin="hi\n\nok\n")
+    assert r.returncode == 0, r.stderr
+    # the second turn saw the first answer: same tokens as the API on the rendered conversation
+    gen = Generator(Engine.load(files["model"], threads=1))
+    tok = gen.tokenizer
+    msgs = [{"role": "system", "content": "be"}, {"role": "user", "content": "hi"}]
+    first = gen.generate([tok.encode(tok.apply_chat_template(msgs), add_special_tokens=False)], max_new_tokens=4)[0]
+    assert r.stdout.startswith(first.text + "\n") and len(r.stdout) > len(first.text) + 1 and r.stdout.endswith("\n")
+
+
+def test_eval_json(files, text_file):
+    r = run_cli("eval", files["model"], text_file, "--json", "--window", "32", "--stride", "16")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    n = len(Generator(Engine.load(files["model"])).tokenizer.encode(text_file.read_text()))
+    assert res["tokens"] == n - 1 and res["window"] == 32 and res["stride"] == 16
+    assert np.isfinite(res["ppl"]) and res["ppl"] == pytest.approx(np.exp(res["nll"]))
+
+
+def test_bench_json(files):
+    r = run_cli("bench", files["model"], "--prefill", "16", "--decode", "8", "--no-bandwidth", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["prefill_tokens"] == 16 and res["decode_tokens"] == 8 and res["threads"] == 1
+    assert res["prefill_tok_s"] > 0 and res["decode_tok_s"] > 0 and res["weight_bytes_per_token"] > 0
+
+
+def test_runtime_and_cli_run_without_torch(files):
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from bitnet_train.runtime.cli import main\n"
+        f"rc = main(['generate', {str(files['model'])!r}, '-p', 'To be', '--max-new-tokens', '4', '--json'])\n"
+        "assert rc == 0 and sys.modules['torch'] is None\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["completions"][0]["prompt"] == "To be"
+
+
+def test_random_model_file_for_a_named_shape(tmp_path, monkeypatch):
+    monkeypatch.setitem(bench_mod.SHAPES, "tiny-test", dict(num_layers=1, hidden_size=128, intermediate_size=256,
+                                                             num_heads=4, num_kv_heads=2, vocab_size=97, ffn="relu2"))
+    path = tmp_path / "r.bitnet"
+    assert main(["random-model", "--shape", "bitnet-large", "-o", str(path), "--max-seq-len", "0"]) == 2
+    bench_mod.write_random_model(path, "tiny-test", max_seq_len=32, seed=1)
+    eng = Engine.load(path, threads=1)
+    assert eng.max_seq_len == 32 and eng.vocab_size == 97
+    res = bench_mod.measure_speed(eng, prefill=8, decode=4, bandwidth=False)
+    assert res["decode_tokens"] == 4
+    # the in-memory twin (random_model) has the same config
+    cfg, tensors = bench_mod.random_model("tiny-test", 32)
+    assert Engine(cfg, tensors, threads=1).weight_bytes_per_token == eng.weight_bytes_per_token
+
+
+# ---- bad input: one line `error: ...` on stderr, exit 2 ---------------------------------------------
+
+def assert_one_line_error(capsys, argv, match):
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert match in err, err
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--temperature", "-1"], "temperature must be a finite number >= 0"),
+    (["--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--top-k", "-1"], "top_k must be an integer >= 0"),
+    (["--repetition-penalty", "0"], "repetition_penalty must be a finite number > 0"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
+    (["--isa", "bogus"], "unknown ISA 'bogus'"),
+    (["--device", "cuda"], "no CUDA build/GPU available"),
+    (["--device", "tpu"], "invalid choice"),
+    (["--threads", "0"], "threads = 0"),
+])
+def test_bad_generate_options(files, capsys, extra, match):
+    assert_one_line_error(capsys, ["generate", files["model"], "-p", "hi", *extra], match)
+
+
+def test_prompt_longer_than_the_context(files, capsys):
+    long = " ".join(tiny_files.CORPUS * 5)
+    assert_one_line_error(capsys, ["generate", files["model"], "-p", long], "the model's context is 64 tokens")
+
+
+def test_forced_isa_the_cpu_lacks(files, capsys):
+    missing = [isa for isa in ("avx2", "avx512") if isa not in _C.available_isas()]
+    if not missing:
+        pytest.skip("this CPU has every ISA")
+    assert_one_line_error(capsys, ["generate", files["model"], "-p", "hi", "--isa", missing[-1]],
+                          "not supported by this CPU")
+
+
+def test_bad_model_files(files, tmp_path, capsys):
+    assert_one_line_error(capsys, ["generate", tmp_path / "absent.bitnet", "-p", "hi"], "does not exist")
+    data = bytearray(files["model"].read_bytes())
+    (tmp_path / "short.bitnet").write_bytes(data[:len(data) // 2])
+    assert_one_line_error(capsys, ["generate", tmp_path / "short.bitnet", "-p", "hi"], "short.bitnet")
+    data[-100] ^= 0xFF  # a flipped byte in the last tensor
+    (tmp_path / "flipped.bitnet").write_bytes(data)
+    assert_one_line_error(capsys, ["eval", tmp_path / "flipped.bitnet", files["model"]], "checksum")
+    (tmp_path / "text.bitnet").write_text("not a model")
+    assert_one_line_error(capsys, ["bench", tmp_path / "text.bitnet"], "text.bitnet")
+
+
+def test_other_refusals(files, tmp_path, capsys):
+    assert_one_line_error(capsys, ["chat", files["no_template"]], "no chat template")
+    assert_one_line_error(capsys, ["eval", files["model"], tmp_path / "absent.txt"], "does not exist")
+    assert_one_line_error(capsys, ["bench"], "bench needs MODEL or --shape")
+    assert_one_line_error(capsys, ["bench", "--shape", "nope"], "unknown --shape 'nope'")
+    assert_one_line_error(capsys, ["generate", files["model"]], "generate needs --prompt")
+
+
+def test_a_corrupted_file_in_a_subprocess_has_no_traceback(files, tmp_path):
+    data = bytearray(files["model"].read_bytes())
+    data[9:13] = b"\x00\x01\x02\x03"  # inside the JSON header
+    (tmp_path / "bad.bitnet").write_bytes(data)
+    r = run_cli("generate", tmp_path / "bad.bitnet", "-p", "hi")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
