@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dict_config import DictSerializable
 from .quant import BitLinear, RMSNorm
 
 NormKind = Literal["subln", "bitlinear", "none"]
@@ -23,7 +24,9 @@ FfnKind = Literal["swiglu", "relu2"]
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(DictSerializable):
+    section = "model"
+
     vocab_size: int = 4096
     hidden_size: int = 256
     intermediate_size: int = 704
@@ -58,21 +61,13 @@ class ModelConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 @dataclass
-class QuantConfig:
+class QuantConfig(DictSerializable):
     """How linear layers are quantized. Paired explicitly with export (export requires lambda 1)."""
+
+    section = "quant"
 
     method: str = "b1.58"  # b1.58 | none
     eps: float = 1e-5
@@ -86,16 +81,6 @@ class QuantConfig:
             raise ValueError(f"quant method must be 'b1.58' or 'none', got {self.method!r}")
         self.keep_high_precision = list(self.keep_high_precision)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "QuantConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown quant config keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 # (module_name, in_features, out_features) -> module

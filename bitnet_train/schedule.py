@@ -9,11 +9,15 @@ resumed run follows the same schedule exactly.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
+
+from .dict_config import DictSerializable
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(DictSerializable):
+    section = "optim"
+
     lr: float = 1.5e-3
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -38,13 +42,6 @@ class OptimConfig:
         d = asdict(self)
         d["betas"] = list(self.betas)
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "OptimConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown optim config keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 def in_stage2(step: int, total_steps: int, cfg: OptimConfig) -> bool:
