@@ -11,6 +11,9 @@
 #include "cpu/matmul.h"
 #include "cpu/parallel.h"
 #include "engine.h"
+#ifdef BITNET_WITH_CUDA
+#include "cuda/engine_cuda.h"
+#endif
 
 #ifndef BITNET_VERSION
 #define BITNET_VERSION "0.0.0"
@@ -49,6 +52,35 @@ struct PyModel {
   std::vector<py::object> keep_alive;
   std::unique_ptr<Model> model;
 };
+
+#ifdef BITNET_WITH_CUDA
+// The CUDA model plus the Python arrays it was loaded from (the device holds copies; kept for
+// symmetry with PyModel and so that the host arrays outlive the upload).
+struct PyCudaModel {
+  std::vector<py::object> keep_alive;
+  std::unique_ptr<cuda::DeviceModel> model;
+};
+
+using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+// (seq_ids, token arrays) -> a ragged Batch over `flat` (which must outlive it).
+Batch make_batch(const std::vector<int64_t>& seq_ids, const std::vector<I32Array>& tokens, std::vector<int32_t>& flat) {
+  if (tokens.size() != seq_ids.size())
+    throw std::invalid_argument("forward: " + std::to_string(seq_ids.size()) + " sequence slots but " +
+                                std::to_string(tokens.size()) + " token arrays");
+  Batch b;
+  b.seq_ids = seq_ids;
+  b.offsets.push_back(0);
+  for (const auto& t : tokens) {
+    if (t.ndim() != 1) throw std::invalid_argument("forward: each token array must be 1-D");
+    b.offsets.push_back(b.offsets.back() + t.shape(0));
+  }
+  flat.resize(static_cast<size_t>(b.offsets.back()));
+  for (size_t i = 0; i < tokens.size(); ++i) std::copy_n(tokens[i].data(), tokens[i].shape(0), flat.data() + b.offsets[i]);
+  b.tokens = flat.data();
+  return b;
+}
+#endif
 
 std::string norm_name(NormKind n) {
   return n == NormKind::SubLN ? "subln" : n == NormKind::BitLinear ? "bitlinear" : "none";
@@ -226,4 +258,101 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("cache"), py::arg("seq_ids"), py::arg("tokens"), py::arg("all_logits") = false,
           "Append tokens[i] to cache slot seq_ids[i]; logits (rows, vocab) for all new tokens or the last of each.");
+
+  // ---- CUDA engine (csrc/cuda/): present when the build found nvcc ----
+#ifdef BITNET_WITH_CUDA
+  m.def("cuda_compiled", [] { return true; }, "Whether this build includes the CUDA engine.");
+  m.def("cuda_device_count", &cuda::device_count, "Usable CUDA devices (0 without a driver or device).");
+#else
+  m.def("cuda_compiled", [] { return false; }, "Whether this build includes the CUDA engine.");
+  m.def("cuda_device_count", [] { return 0; }, "Usable CUDA devices (0: this build has no CUDA engine).");
+#endif
+#ifdef BITNET_WITH_CUDA
+  m.def("cuda_device_name", &cuda::device_name, py::arg("device") = 0);
+  m.def(
+      "cuda_bench_gemv",
+      [](int device, int64_t out, int64_t in, int64_t rows, int iters) {
+        py::gil_scoped_release nogil;
+        return cuda::bench_ternary_gemv(device, out, in, rows, iters);
+      },
+      py::arg("device"), py::arg("out"), py::arg("in_features"), py::arg("rows") = 1, py::arg("iters") = 100,
+      "Mean seconds per call of the ternary decode GEMV on a random (out, in_features) i2_b128 matrix.");
+
+  py::class_<cuda::DeviceKVCache>(m, "CudaKVCache")
+      .def_property_readonly("n_seqs", &cuda::DeviceKVCache::n_seqs)
+      .def_property_readonly("max_len", &cuda::DeviceKVCache::max_len)
+      .def_property_readonly("nbytes", &cuda::DeviceKVCache::bytes)
+      .def("length", &cuda::DeviceKVCache::length, py::arg("seq"))
+      .def("reset", &cuda::DeviceKVCache::reset, py::arg("seq") = -1, "Forget a sequence's tokens (seq < 0: all).");
+
+  py::class_<PyCudaModel>(m, "CudaModel")
+      .def(py::init([](const ModelConfig& cfg, const std::vector<std::tuple<std::string, py::array, std::string>>& tensors,
+                       int device) {
+             auto pm = std::make_unique<PyCudaModel>();
+             TensorMap map;
+             for (const auto& [name, arr, tag] : tensors) {
+               if (map.count(name)) throw std::invalid_argument("tensor '" + name + "' given twice");
+               map[name] = tensor_ref(name, arr, parse_dtype(tag));
+               pm->keep_alive.push_back(arr);
+             }
+             {
+               py::gil_scoped_release nogil;
+               pm->model = std::make_unique<cuda::DeviceModel>(cfg, map, device);
+             }
+             return pm;
+           }),
+           py::arg("config"), py::arg("tensors"), py::arg("device") = 0,
+           "As Model, on CUDA device `device`; the tensors are validated as the CPU engine does, then uploaded.")
+      .def_property_readonly("isa", [](const PyCudaModel&) { return std::string("cuda"); })
+      .def_property("threads", [](const PyCudaModel&) { return 1; }, [](PyCudaModel&, int n) {
+        if (n < 1 || n > 4096) throw std::invalid_argument("threads = " + std::to_string(n) + "; expected 1 .. 4096");
+      })
+      .def_property_readonly("device", [](const PyCudaModel& p) { return p.model->device(); })
+      .def_property_readonly("device_name", [](const PyCudaModel& p) { return p.model->device_name(); })
+      .def_property_readonly("device_bytes", [](const PyCudaModel& p) { return p.model->device_bytes(); })
+      .def_property_readonly("config", [](const PyCudaModel& p) { return p.model->config(); })
+      .def_property_readonly("weight_bytes_per_token", [](const PyCudaModel& p) { return p.model->weight_bytes_per_token(); })
+      .def(
+          "new_cache",
+          [](const PyCudaModel& p, int64_t n_seqs, int64_t max_len) {
+            const ModelConfig& c = p.model->config();
+            return std::make_unique<cuda::DeviceKVCache>(c, p.model->device(), n_seqs, max_len <= 0 ? c.max_seq_len : max_len);
+          },
+          py::arg("n_seqs") = 1, py::arg("max_len") = 0)
+      .def(
+          "forward",
+          [](const PyCudaModel& p, cuda::DeviceKVCache& cache, const std::vector<int64_t>& seq_ids,
+             const std::vector<I32Array>& tokens, bool all_logits) {
+            std::vector<int32_t> flat;
+            const Batch b = make_batch(seq_ids, tokens, flat);
+            p.model->check_batch(cache, b);
+            const int64_t rows = p.model->logits_rows(b, all_logits);
+            py::array_t<float> logits({rows, p.model->config().vocab_size});
+            float* out = logits.mutable_data();
+            {
+              py::gil_scoped_release nogil;
+              p.model->forward(cache, b, all_logits, out);
+            }
+            return logits;
+          },
+          py::arg("cache"), py::arg("seq_ids"), py::arg("tokens"), py::arg("all_logits") = false,
+          "As Model.forward, on the GPU; logits come back to host memory.")
+      .def(
+          "greedy_decode",
+          [](const PyCudaModel& p, cuda::DeviceKVCache& cache, const std::vector<int64_t>& seq_ids, I32Array first,
+             int64_t n_steps, bool use_graph) {
+            if (first.ndim() != 1 || first.shape(0) != static_cast<py::ssize_t>(seq_ids.size()))
+              throw std::invalid_argument("greedy_decode: first_tokens must be 1-D with one token per sequence slot");
+            if (n_steps < 1) throw std::invalid_argument("greedy_decode: n_steps must be >= 1");
+            py::array_t<int32_t> out({n_steps, static_cast<int64_t>(seq_ids.size())});
+            int32_t* o = out.mutable_data();
+            {
+              py::gil_scoped_release nogil;
+              p.model->greedy_decode(cache, seq_ids, first.data(), n_steps, use_graph, o);
+            }
+            return out;
+          },
+          py::arg("cache"), py::arg("seq_ids"), py::arg("first_tokens"), py::arg("n_steps"), py::arg("use_graph") = true,
+          "Greedy decoding on the device (CUDA graph per step): (n_steps, n_seqs) argmax tokens.");
+#endif
 }
