@@ -141,18 +141,12 @@ def add_chat_args(p):
 def cmd_chat(args) -> None:
     """Multi-turn chat with the file's chat template: each stdin line is a user message
     (/reset forgets the conversation, /exit ends). Works with piped stdin."""
-    from .generate import Generator, PromptTooLongError
+    from .chat import ChatSession
+    from .generate import Generator
 
     sampling = _sampling(args)
-    eng = _load_engine(args)
-    gen = Generator(eng)
-    if gen.tokenizer is None:
-        raise CLIError(f"{args.model} has no tokenizer; chat needs one")
-    tok = gen.tokenizer
-    base = [{"role": "system", "content": args.system}] if args.system else []
-    tok.apply_chat_template(base + [{"role": "user", "content": "hi"}])  # no template -> error before any input
+    chat = ChatSession(Generator(_load_engine(args)), system=args.system)
     interactive = sys.stdin.isatty()
-    messages = list(base)
     while True:
         if interactive:
             try:
@@ -169,23 +163,14 @@ def cmd_chat(args) -> None:
         if line.strip() in ("/exit", "/quit"):
             break
         if line.strip() == "/reset":
-            messages = list(base)
+            chat.reset()
             continue
-        messages.append({"role": "user", "content": line})
-        text = tok.apply_chat_template(messages, add_generation_prompt=True)
-        ids = tok.encode(text, add_special_tokens=False)
-        room = eng.max_seq_len - len(ids) + 1
-        if room < 1:
-            raise PromptTooLongError(f"the conversation has {len(ids)} tokens; the model's context is "
-                                     f"{eng.max_seq_len} tokens (/reset starts over)")
-        stream = gen.stream([ids], max_new_tokens=min(args.max_new_tokens, room), sampling=sampling,
-                            stop=args.stop, ignore_eos=args.ignore_eos)
-        for event in stream:
+        for event in chat.send(line, max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop,
+                               ignore_eos=args.ignore_eos):
             sys.stdout.write(event.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
-        messages.append({"role": "assistant", "content": stream.completions[0].text})
 
 
 def add_eval_args(p):

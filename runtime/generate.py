@@ -165,9 +165,14 @@ class Generator:
         ignore_eos: bool = False,
         add_special_tokens: bool = True,
         on_token: Callable[[TokenEvent], None] | None = None,
+        cache=None,
     ) -> GenerationStream:
         """Start generating for one prompt (a string or a list of ids) or several; nothing runs until
-        the stream is iterated. Raises PromptTooLongError / ValueError before any work."""
+        the stream is iterated. Raises PromptTooLongError / ValueError before any work.
+
+        cache: a KVCache to continue (prompt i in slot i) instead of a fresh one: slot i must hold
+        the first cache.length(i) tokens of prompt i (fewer than all of them), which are not fed
+        again; afterwards it holds prompt + generated tokens but the last. ChatSession uses this."""
         if isinstance(prompts, str) or (isinstance(prompts, np.ndarray) and prompts.ndim == 1) or (
                 len(prompts) > 0 and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
@@ -191,10 +196,16 @@ class Generator:
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab})")
+        if cache is not None:
+            if cache.n_seqs < len(encoded):
+                raise ValueError(f"the cache has {cache.n_seqs} slots for {len(encoded)} prompts")
+            for i, ids in enumerate(encoded):
+                if cache.length(i) >= len(ids):
+                    raise ValueError(f"cache slot {i} holds {cache.length(i)} tokens; prompt {i} has only {len(ids)}")
         eos = set() if ignore_eos else set(self.tokenizer.eos_ids if self.tokenizer else ()) | set(stop_token_ids)
         seqs = [_Sequence(i, ids, Sampler(sampling, stream=i), self.tokenizer, stop) for i, ids in enumerate(encoded)]
         stats = GenerationStats(prompt_tokens=sum(len(ids) for ids in encoded))
-        events = self._run(seqs, int(max_new_tokens), eos, stats, on_token)
+        events = self._run(seqs, int(max_new_tokens), eos, stats, on_token, cache)
         return GenerationStream(events, [s.out for s in seqs], stats)
 
     def generate(self, prompts, **kwargs) -> list[Completion]:
@@ -202,13 +213,17 @@ class Generator:
         return self.stream(prompts, **kwargs).run()
 
     def _run(self, seqs: list[_Sequence], max_new: int, eos: set[int], stats: GenerationStats,
-             on_token: Callable[[TokenEvent], None] | None) -> Iterator[TokenEvent]:
+             on_token: Callable[[TokenEvent], None] | None, cache) -> Iterator[TokenEvent]:
         eng = self.engine
-        # the last sampled token is never fed, so a sequence needs room for prompt + max_new - 1 tokens
-        max_len = min(eng.max_seq_len, max(len(s.ids) for s in seqs) + max_new - 1)
-        cache = eng.new_cache(len(seqs), max_len)
+        if cache is None:
+            # the last sampled token is never fed, so a sequence needs room for prompt + max_new - 1 tokens
+            max_len = min(eng.max_seq_len, max(len(s.ids) for s in seqs) + max_new - 1)
+            cache = eng.new_cache(len(seqs), max_len)
+        max_len = cache.max_len
         t0 = time.perf_counter()
-        logits = eng.forward([s.ids for s in seqs], cache=cache, last_only=True)  # (B, vocab)
+        new = [s.ids[cache.length(i):] for i, s in enumerate(seqs)]
+        stats.prompt_tokens = sum(len(t) for t in new)  # tokens actually prefilled
+        logits = eng.forward(new, cache=cache, last_only=True)  # (B, vocab)
         stats.prefill_s = time.perf_counter() - t0
         live = list(range(len(seqs)))
         while True:

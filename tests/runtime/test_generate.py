@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from bitnet_train.runtime import Engine, Generator, PromptTooLongError, SamplingParams, Tokenizer
+from bitnet_train.runtime import ChatSession, Engine, Generator, PromptTooLongError, SamplingParams, Tokenizer
 from bitnet_train.runtime.evaluate import perplexity, windows
 from bitnet_train.runtime.tokenizer import IncrementalDecoder, TokenizerError
 
@@ -203,3 +203,31 @@ def test_perplexity_matches_a_direct_computation(gen):
     assert res.tokens == 149 and calls[-1] == (149, 149) and math.isfinite(res.ppl)
     with pytest.raises(ValueError, match="window must be in"):
         perplexity(eng, long, window=eng.max_seq_len + 1)
+
+
+def test_chat_session_reuses_the_cache_and_matches_a_fresh_prefill(files):
+    gen = Generator(Engine.load(files["model"], threads=1))
+    chat = ChatSession(gen, system="be")
+    answers = []
+    for text in ("hi", "ok"):
+        # one token per answer: the tiny model's bytes are no valid UTF-8, and re-encoding their U+FFFD
+        # text would (rightly) not reproduce longer answers' tokens, which makes the session start over
+        stream = chat.send(text, max_new_tokens=1)
+        assert "".join(e.text for e in stream) == stream.completions[0].text
+        answers.append(stream.completions[0])
+    assert [m["role"] for m in chat.messages] == ["system", "user", "assistant", "user", "assistant"]
+    first_prompt = len(answers[0].prompt_ids)
+    assert chat.reused_tokens == first_prompt  # the second turn prefilled only what the cache lacked
+    # the same last turn from scratch gives the same tokens
+    ids = gen.tokenizer.encode(gen.tokenizer.apply_chat_template(chat.messages[:-1]), add_special_tokens=False)
+    assert ids == answers[1].prompt_ids
+    assert gen.generate([ids], max_new_tokens=1)[0].token_ids == answers[1].token_ids
+    chat.reset()
+    assert chat.messages == [{"role": "system", "content": "be"}]
+    again = chat.send("hi", max_new_tokens=3)
+    assert again.run()[0].token_ids == gen.generate([answers[0].prompt_ids], max_new_tokens=3)[0].token_ids
+    assert chat.reused_tokens == 0  # the cache held a longer conversation: started over
+    with pytest.raises(PromptTooLongError, match="the conversation has"):
+        chat.send("x " * 80)
+    with pytest.raises(TokenizerError, match="no chat template"):
+        ChatSession(Generator(Engine.load(files["no_template"], threads=1)))
