@@ -63,15 +63,14 @@ def _sampling(args):
 
 
 def _load_engine(args):
-    if args.device == "cuda":
-        raise CLIError("--device cuda: no CUDA build/GPU available (this build has the CPU engine only); "
-                       "use --device cpu")
+    """The engine on --device (runtime/device.py: DeviceError with the reason when CUDA is not usable)."""
+    from .device import load_engine, require_device
+
+    require_device(args.device)
     path = Path(args.model)
     if not path.is_file():
         raise CLIError(f"model file {path} does not exist" if not path.exists() else f"model {path} is not a file")
-    from .engine import Engine
-
-    return Engine.load(path, isa=args.isa, threads=args.threads)
+    return load_engine(path, args.device, isa=args.isa, threads=args.threads)
 
 
 def _print_json(obj) -> None:
@@ -235,18 +234,20 @@ def cmd_bench(args) -> None:
     if args.shape is not None:
         if args.shape not in SHAPES:
             raise CLIError(f"unknown --shape {args.shape!r}; expected one of {', '.join(SHAPES)}")
-        if args.device == "cuda":
-            raise CLIError("--device cuda: no CUDA build/GPU available (this build has the CPU engine only); "
-                           "use --device cpu")
+        from .device import CudaEngine, require_device
         from .engine import Engine
 
+        require_device(args.device)
         cfg, tensors = random_model(args.shape, max(args.prefill + args.decode, 8), tie=args.tie)
-        eng = Engine(cfg, tensors, {"eps": 1e-5}, isa=args.isa, threads=args.threads)
+        cls = CudaEngine if args.device == "cuda" else Engine
+        eng = cls(cfg, tensors, {"eps": 1e-5}, isa=args.isa, threads=args.threads)
         what = {"shape": args.shape}
     else:
         eng = _load_engine(args)
         what = {"model": str(args.model)}
-    res = {**what, **measure_speed(eng, args.prefill, args.decode, bandwidth=not args.no_bandwidth)}
+    # the bandwidth probe runs the CPU kernels: no roofline fraction for --device cuda
+    res = {**what, **measure_speed(eng, args.prefill, args.decode,
+                                   bandwidth=not args.no_bandwidth and args.device == "cpu")}
     if args.json:
         _print_json(res)
     else:

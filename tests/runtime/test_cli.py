@@ -136,12 +136,20 @@ def assert_one_line_error(capsys, argv, match):
     (["--repetition-penalty", "0"], "repetition_penalty must be a finite number > 0"),
     (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
     (["--isa", "bogus"], "unknown ISA 'bogus'"),
-    (["--device", "cuda"], "no CUDA build/GPU available"),
     (["--device", "tpu"], "invalid choice"),
     (["--threads", "0"], "threads = 0"),
 ])
 def test_bad_generate_options(files, capsys, extra, match):
     assert_one_line_error(capsys, ["generate", files["model"], "-p", "hi", *extra], match)
+
+
+def test_device_cuda_without_a_usable_gpu(files, capsys):
+    from bitnet_train.runtime.device import cuda_available
+
+    if cuda_available():
+        pytest.skip("this machine has a usable CUDA build and GPU")
+    for argv in (["generate", files["model"], "-p", "hi"], ["bench", "--shape", "smollm2-135m"]):
+        assert_one_line_error(capsys, [*argv, "--device", "cuda"], "--device cuda: ")
 
 
 def test_prompt_longer_than_the_context(files, capsys):
