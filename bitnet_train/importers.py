@@ -10,14 +10,16 @@ Two routes, one result:
 Our parameter names are the HF Llama names without the leading "model.", so the mapping is one
 to one. With quant "none" and norm "none" the imported model computes the checkpoint's function
 exactly (the tests compare logits with transformers'). Other settings are accepted where they
-only add modules (norm "subln": unit-weight RMSNorms before o_proj and down_proj) or change an
-activation (ffn "relu2"): that changes the function, and `source_info["exact"]` says so.
+only add modules (norm "subln": RMSNorms before o_proj and down_proj, their gains calibrated so
+the imported model starts close to the source, see `calibrate_subln`) or change an activation
+(ffn "relu2"): that changes the function, and `source_info["exact"]` says so.
 
 Nothing here downloads: every transformers call is `local_files_only`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -40,6 +42,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SUPPORTED_ROPE_TYPES = ("default",)
 SILU_ACTIVATIONS = ("silu", "swish")  # the same function in transformers' ACT2FN
 IMPORT_NORMS = ("none", "subln")
+SUBLN_INITS = ("calibrated", "ones")
+# Without a calibration batch, SubLN gains are fitted on seeded random token ids of this shape.
+DEFAULT_CALIBRATION_SHAPE = (4, 128)  # (batch, tokens)
 
 # Any of these lets transformers build a tokenizer for a directory (tokenizer.json is the fast one).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -82,11 +87,16 @@ def load_hf_llama(
     ffn: str | None = None,
     max_seq_len: int | None = None,
     dtype: torch.dtype = torch.float32,
+    subln_init: str = "calibrated",
+    calibration_ids: torch.Tensor | None = None,
 ) -> tuple[BitNetModel, PreTrainedTokenizerFast, dict]:
     """Import a Llama-family checkpoint. -> (model in eval mode on CPU, fast tokenizer, source_info).
 
     path:        an HF model directory, or the directory holding `gguf_file`, or a .gguf file.
-    norm:        "none" (exact) or "subln" (adds unit-weight SubLN norms: changes the function).
+    norm:        "none" (exact) or "subln" (adds SubLN norms: changes the function).
+    subln_init:  "calibrated" (gains fitted by `calibrate_subln`, close to the source's function)
+                 or "ones" (unit gains, as a freshly built model has them).
+    calibration_ids: (B, T) token ids for the calibration; None: seeded random ids.
     ffn:         None takes the checkpoint's activation (silu -> "swiglu"); "relu2" changes it.
     max_seq_len: caps the checkpoint's max_position_embeddings (sizes the RoPE cache).
     source_info: {"source", "gguf_file", "sha256": {file name: hex digest}, "model_type", "exact"}.
@@ -102,6 +112,8 @@ def load_hf_llama(
         )
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise BitNetError(f"import dtype must be a floating torch.dtype, got {dtype!r}")
+    if subln_init not in SUBLN_INITS:
+        raise BitNetError(f"subln_init must be one of {SUBLN_INITS}, got {subln_init!r}")
 
     if gguf_file is None:
         hf_config = _read_hf_directory_config(path)
@@ -127,6 +139,8 @@ def load_hf_llama(
             state[key] = own
     load_state_checked(model, state, source)
     del state
+    if norm == "subln" and subln_init == "calibrated":
+        calibrate_subln(model, calibration_ids if calibration_ids is not None else default_calibration_ids(model_cfg))
     model.to(dtype)
     model.eval()
 
@@ -138,6 +152,75 @@ def load_hf_llama(
         "exact": norm == "none" and model_cfg.ffn == _ffn_of_activation(hf_config.hidden_act),
     }
     return model, tokenizer, source_info
+
+
+def default_calibration_ids(cfg: ModelConfig, seed: int = 0) -> torch.Tensor:
+    """Seeded random token ids, (B, T) = DEFAULT_CALIBRATION_SHAPE capped at max_seq_len."""
+    b, t = DEFAULT_CALIBRATION_SHAPE
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab_size, (b, min(t, cfg.max_seq_len)), generator=g)
+
+
+@torch.no_grad()
+def calibrate_subln(model: BitNetModel, ids: torch.Tensor) -> dict[str, float]:
+    """Fit every SubLN gain so that RMSNorm(y) * w ~ y: the norm starts as (nearly) the identity.
+
+    Why not unit gains: RMSNorm(y)_j = w_j * y_j / r(y), r = per-token RMS. With w = 1 each block's
+    residual update is multiplied by 1 / r, and r of an attention output or a gated FFN hidden
+    state of a pretrained model is far from 1, so a unit-gain import starts far from the source
+    (its logits are close to garbage; tests/test_importers.py measures both). The gain is
+    data-dependent, so it is fitted on calibration tokens: per channel j, least squares over
+    tokens t of (w_j * y_tj / r_t - y_tj)^2 gives
+
+        w_j = sum_t y_tj^2 / r_t  /  sum_t y_tj^2 / r_t^2,
+
+    exact when r is the same for every token; what remains is the spread of r over tokens.
+
+    Why in the norm and not by rescaling o_proj / down_proj columns (the same function in full
+    precision): the norm stays high precision, while the projection is ternarised with one absmean
+    scale per tensor; folding per-channel gains into its columns would change its ternary codes.
+
+    The layers are fitted in order in one forward pass (a pre-hook sets each gain from the input
+    that norm actually receives), so later layers see the already-calibrated earlier ones. The pass
+    runs in full precision (BitLinear quantization switched off): the target is the source's
+    function. -> {"mean_rms_attn": ..., "mean_rms_ffn": ...}, the mean r seen (for reports).
+    """
+    from .quant import RMSNorm
+
+    norms = {name: m for name, m in model.named_modules()
+             if isinstance(m, RMSNorm) and name.endswith(("attn_sub_norm", "ffn_sub_norm"))}
+    if not norms:
+        raise BitNetError("calibrate_subln: the model has no SubLN norms (model.norm is not 'subln')")
+    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise BitNetError(f"calibration ids must be a (batch, tokens) integer tensor, got {tuple(ids.shape)} {ids.dtype}")
+    rms_seen: dict[str, list[float]] = {"attn": [], "ffn": []}
+
+    def fit(kind: str, module: RMSNorm, args) -> None:
+        y = args[0].double().reshape(-1, args[0].shape[-1])  # (tokens, channels)
+        y2 = y.square()
+        r = (y2.mean(-1, keepdim=True) + module.eps).sqrt()  # (tokens, 1), as RMSNorm computes it
+        num, den = (y2 / r).sum(0), (y2 / r.square()).sum(0)  # (channels,)
+        # a channel that stayed zero on the calibration tokens gets the fit over all channels
+        w = torch.where(den > 1e-30, num / den.clamp(min=1e-30), num.sum() / den.sum().clamp(min=1e-30))
+        module.weight.copy_(w.to(module.weight.dtype))
+        rms_seen[kind].append(float(r.mean()))
+
+    bitlinears = [m for m in model.bitlinear_modules().values() if m.quantize]
+    handles = [m.register_forward_pre_hook(functools.partial(fit, "attn" if n.endswith("attn_sub_norm") else "ffn"))
+               for n, m in norms.items()]
+    was_training = model.training
+    try:
+        for m in bitlinears:
+            m.quantize = False
+        model.eval()
+        model(ids.long())
+    finally:
+        for h in handles:
+            h.remove()
+        for m in bitlinears:
+            m.quantize = True
+        model.train(was_training)
+    return {f"mean_rms_{k}": sum(v) / len(v) for k, v in rms_seen.items() if v}
 
 
 def model_config_from_hf(

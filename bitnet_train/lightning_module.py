@@ -39,7 +39,7 @@ class BitNetLM(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch  # (B, T) input ids, (B, T) targets
-        loss = self.model.loss(x, y)
+        loss = self.training_loss(x, y)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"training loss became {loss.item()} at step {self.global_step}; stopped. "
@@ -52,6 +52,10 @@ class BitNetLM(L.LightningModule):
         self.log("train/tokens", float((self.global_step + 1) * x.numel() * self.trainer.world_size
                                        * self.trainer.accumulate_grad_batches), reduce_fx="max")
         return loss
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss minimised (subclasses add terms: distill.DistillLM); validation stays plain CE."""
+        return self.model.loss(x, y)
 
     def on_before_optimizer_step(self, optimizer):
         grads = [p.grad for p in self.parameters() if p.grad is not None]

@@ -19,7 +19,9 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from .distill import DistillConfig, DistillLM, TopKLogitCache, build_teacher, corpus_fingerprint, model_fingerprint
 from .errors import CheckpointError, ConfigError
 from .lightning_module import BitNetLM
 from .model import BitNetModel, ModelConfig, QuantConfig
@@ -134,6 +136,7 @@ def build_source_model(mcfg: dict, qcfg: QuantConfig):
         from .model_dir import load_model_dir
 
         model, tok, meta = load_model_dir(path)
+        subln_added = overrides.get("norm") == "subln" and model.config.norm != "subln"
         if overrides:
             cfg = replace(model.config, **overrides)
             fresh = BitNetModel(cfg, qcfg)
@@ -141,7 +144,7 @@ def build_source_model(mcfg: dict, qcfg: QuantConfig):
             model = fresh
         else:
             model = _requantized(model, qcfg)
-        return model, tok, {"source": str(path), **meta.get("provenance", {})}
+        return model, tok, {"source": str(path), **meta.get("provenance", {}), "subln_added": subln_added}
     model, tok, info = load_hf_llama(
         path,
         gguf_file=gguf_file,
@@ -149,8 +152,9 @@ def build_source_model(mcfg: dict, qcfg: QuantConfig):
         norm=overrides.get("norm", "none"),
         ffn=overrides.get("ffn"),
         max_seq_len=overrides.get("max_seq_len"),
+        subln_init="ones",  # calibrated by run() on training tokens (see importers.calibrate_subln)
     )
-    return model, tok, info
+    return model, tok, {**info, "subln_added": overrides.get("norm") == "subln"}
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -170,7 +174,59 @@ def _requantized(model: BitNetModel, qcfg: QuantConfig) -> BitNetModel:
 # -- the run -----------------------------------------------------------------------------------------
 
 def run(cfg: DictConfig) -> dict:
-    """Train according to cfg. Returns the summary dict (also appended to runs/results.jsonl)."""
+    """Train according to cfg. Returns the summary dict (also appended to runs/results.jsonl).
+
+    A config with `stages:` (a list of partial configs, each merged over the rest of cfg, with an
+    optional `stage:` label) runs them in order in run_dir/stage1, stage2, ...; stage N+1 starts
+    from stage N's model/, distillation teachers stay the original source, and resume=auto skips
+    finished stages (those with a model/) and resumes the first unfinished one from its last.ckpt.
+    """
+    if cfg.get("stages"):
+        return _run_stages(cfg)
+    return _run_single(cfg)
+
+
+def _run_stages(cfg: DictConfig) -> dict:
+    if cfg.resume not in (None, "auto") or (cfg.resume == "auto" and not cfg.run_dir):
+        raise ConfigError(f"a staged recipe resumes with resume=auto and run_dir=... (got resume={cfg.resume!r}, "
+                          f"run_dir={cfg.run_dir!r})")
+    stages = OmegaConf.to_container(cfg.stages, resolve=True)
+    base = cfg.copy()  # struct, as composed: a stage key that the config does not have is an error
+    OmegaConf.set_struct(base, True)
+    base.stages = None
+    run_dir = resolve_run_dir(cfg)
+    source = {"teacher": cfg.model.get("init_from"), "teacher_gguf_file": cfg.model.get("gguf_file")}
+    previous_model: Path | None = None
+    summaries = []
+    for i, stage in enumerate(stages, 1):
+        if not isinstance(stage, dict):
+            raise ConfigError(f"stages[{i - 1}] must be a mapping of config overrides, got {stage!r}")
+        label = stage.pop("stage", f"stage{i}")
+        stage_dir = run_dir / f"stage{i}"
+        try:
+            scfg = OmegaConf.merge(base, stage)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"stages[{i - 1}] ({label}): {e}".splitlines()[0]) from None
+        scfg.run_dir, scfg.resume = str(stage_dir), cfg.resume
+        if previous_model is not None:
+            scfg.model.init_from, scfg.model.gguf_file = str(previous_model), None
+        if scfg.distill.get("teacher") is None:
+            scfg.distill.teacher, scfg.distill.teacher_gguf_file = source["teacher"], source["teacher_gguf_file"]
+        if cfg.resume == "auto" and (stage_dir / "model" / "config.json").is_file():
+            print(f"stage {i} ({label}): finished earlier, model in {stage_dir / 'model'}")
+        else:
+            print(f"\n=== stage {i}/{len(stages)}: {label} ({scfg.trainer.max_steps} steps) -> {stage_dir}")
+            summaries.append({"stage": label, **_run_single(scfg)})
+        previous_model = stage_dir / "model"
+    return {**(summaries[-1] if summaries else {}), "stages": summaries, "run_dir": str(run_dir)}
+
+
+def _calibration_ids(blocks, n: int = 4) -> torch.Tensor:
+    """The first n training blocks' inputs, (n, block_size): fixed, whatever the shuffling seed."""
+    return torch.stack([blocks[i][0] for i in range(min(n, len(blocks)))])
+
+
+def _run_single(cfg: DictConfig) -> dict:
     from .data import DataConfig, TextDataModule, check_vocab
 
     if cfg.trainer.get("threads"):
@@ -203,16 +259,29 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(
             f"data.block_size {dcfg.block_size} is larger than model.max_seq_len {model_cfg.max_seq_len}"
         )
+    distill = _checked(lambda: DistillConfig.from_dict(_as_dict(cfg.get("distill"))), "distill")
 
     run_dir = resolve_run_dir(cfg)
     resume = resolve_resume(cfg, run_dir)
     if resume is not None:
         check_resume_architecture(resume, model_cfg, qcfg)
 
-    lm = BitNetLM(model=model_cfg.to_dict(), quant=qcfg.to_dict(), optim=ocfg.to_dict(), total_steps=max_steps)
+    lm_args = dict(model=model_cfg.to_dict(), quant=qcfg.to_dict(), optim=ocfg.to_dict(), total_steps=max_steps)
+    lm = DistillLM(**lm_args, distill=distill.to_dict()) if distill.enabled else BitNetLM(**lm_args)
     if source_model is not None and resume is None:
+        if provenance.get("subln_added"):
+            from .importers import calibrate_subln
+
+            provenance["subln_calibration"] = calibrate_subln(source_model, _calibration_ids(dm.train_blocks))
         lm.model.load_state_dict(source_model.state_dict())
     del source_model
+    if distill.needs_teacher:
+        teacher = build_teacher(distill, mcfg_raw, lm.model, tokenizer, build_source_model)
+        cache = None
+        if distill.topk_cache_dir:
+            cache = TopKLogitCache(distill.topk_cache_dir, teacher=model_fingerprint(teacher),
+                                   corpus=corpus_fingerprint(dm.train_blocks.tokens, dcfg.block_size), topk=distill.topk)
+        lm.attach_teacher(teacher, cache)
 
     # From here on the run directory exists.
     os.environ.setdefault(RUN_DIR_ENV, str(run_dir))
