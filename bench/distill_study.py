@@ -1,0 +1,251 @@
+"""Fidelity study: how much of the full-precision quality each fine-tuning recipe recovers.
+
+Arms (all from the same full-precision source, same data, same validation on held-out plays):
+  plain_qat    ternary QAT with plain CE                     (recipe smollm2_135m_1p58)
+  qat_kd       ternary QAT with CE + logit KD                (same + distill=kd)
+  full_recipe  SubLN + continued pretraining, then KD + attention relations
+                                                             (recipe smollm2_135m_1p58_distill)
+  fp_finetune  the same fine-tune in full precision          (smollm2_135m_1p58 with quant=none)
+
+Modes:
+  --mode tokens  every arm trains the same number of steps (same tokens): the number of steps
+                 the slowest arm fits into --budget-minutes;
+  --mode time    every arm trains for about --budget-minutes: steps = budget / its own s/step.
+Seconds per step come from a short probe run of each arm (--probe-steps), unless --steps is given.
+
+Writes <out>/distill_study.md, .json (val ppl on the held-out plays, tokens, wall time per arm)
+and distill_study.png (val ppl against training tokens, from each run's logs/metrics.csv).
+
+    python bench/distill_study.py --budget-minutes 25            # the real study (SmolLM2, CPU)
+    python bench/distill_study.py --budget-minutes 30 --gpu      # on a GPU
+    python bench/distill_study.py --tiny                         # a minute: tiny teacher, few steps
+
+--tiny first trains a tiny full-precision "source" (no SubLN) from scratch on the plays, then runs
+the four arms from it: it checks the pipeline, its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+ARMS = {
+    "plain_qat": {"recipe": "smollm2_135m_1p58", "extra": []},
+    "qat_kd": {"recipe": "smollm2_135m_1p58", "extra": ["distill=kd"]},
+    "full_recipe": {"recipe": "smollm2_135m_1p58_distill", "extra": []},
+    "fp_finetune": {"recipe": "smollm2_135m_1p58", "extra": ["quant=none"]},
+}
+STAGE1_FRACTION = 0.4  # full recipe: continued pretraining share of the steps (as in the recipe)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budget-minutes", type=float, default=25.0, help="training wall time per arm")
+    p.add_argument("--mode", choices=("tokens", "time"), default="tokens")
+    p.add_argument("--steps", type=int, default=None, help="skip the probes: this many steps per arm (tokens mode)")
+    p.add_argument("--probe-steps", type=int, default=4)
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
+    p.add_argument("--val-batches", type=int, default=4, help="validation batches (of data.batch_size blocks)")
+    p.add_argument("--val-points", type=int, default=5, help="validations during each run (the plot's points)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--gpu", action="store_true", help="trainer=gpu precision bf16-mixed")
+    p.add_argument("--tiny", action="store_true", help="tiny teacher and model, a few steps: checks the pipeline")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default runs/distill_study/<stamp>)")
+    p.add_argument("overrides", nargs="*", help="extra key=value config overrides for every arm")
+    return p.parse_args(argv)
+
+
+# -- running arms ----------------------------------------------------------------------------------
+
+def run_arm(arm: str, steps: int, run_dir: Path, common: list[str], val_every: int) -> dict:
+    from bitnet_train.config import compose_config
+    from bitnet_train.train import run
+
+    spec = ARMS[arm]
+    overrides = [f"recipe={spec['recipe']}", *spec["extra"], f"run_dir={run_dir}", *common,
+                 f"trainer.val_check_interval={max(1, val_every)}"]
+    if arm == "full_recipe":
+        s1 = max(1, round(steps * STAGE1_FRACTION))
+        s2 = max(1, steps - s1)
+        overrides.append(
+            f"stages=[{{stage: continued_pretraining, trainer: {{max_steps: {s1}, val_check_interval: {max(1, min(val_every, s1))}}},"
+            f" distill: {{enabled: false}}}}, {{stage: distillation, trainer: {{max_steps: {s2},"
+            f" val_check_interval: {max(1, min(val_every, s2))}}}, optim: {{warmup_steps: {min(5, s2)}}}}}]")
+    else:
+        overrides.append(f"trainer.max_steps={steps}")
+    os.environ.pop("BITNET_RUN_DIR", None)
+    t0 = time.time()
+    summary = run(compose_config(overrides))
+    wall = time.time() - t0
+    os.environ.pop("BITNET_RUN_DIR", None)
+    stages = summary.get("stages") or [summary]
+    return {
+        "arm": arm,
+        "steps": sum(s["steps"] for s in stages),
+        "tokens": sum(s["tokens"] for s in stages),
+        "train_seconds": round(sum(s["train_seconds"] for s in stages), 1),
+        "wall_seconds": round(wall, 1),
+        "val_loss": summary["val_loss"],
+        "val_ppl": summary["val_ppl"],
+        "curve": val_curve(run_dir, stages),
+        "run_dir": str(run_dir),
+    }
+
+
+def val_curve(run_dir: Path, stages: list[dict]) -> list[tuple[int, float]]:
+    """(tokens, val ppl) points from each stage's logs/metrics.csv, stages laid end to end."""
+    points: dict[int, float] = {}
+    offset_tokens = 0
+    dirs = [Path(s["run_dir"]) for s in stages] if len(stages) > 1 else [run_dir]
+    for stage, d in zip(stages, dirs):
+        tokens_per_step = stage["tokens"] / max(1, stage["steps"])
+        metrics = d / "logs" / "metrics.csv"
+        if metrics.is_file():
+            with metrics.open() as f:
+                for row in csv.DictReader(f):
+                    if row.get("val/ppl"):  # logged at step k-1 after k steps; the final validate at k
+                        done = min(int(row["step"]) + 1, stage["steps"])
+                        points[int(offset_tokens + done * tokens_per_step)] = float(row["val/ppl"])
+        points[offset_tokens + stage["tokens"]] = math.exp(min(stage["val_loss"], 50.0))
+        offset_tokens += stage["tokens"]
+    return sorted(points.items())
+
+
+def seconds_per_step(arm: str, probe_steps: int, out: Path, common: list[str]) -> float:
+    """Probe: a short run of the arm (for the full recipe, its costlier distillation stage alone)."""
+    probe = {"recipe": "smollm2_135m_1p58_distill", "extra": ["stages=null"]} if arm == "full_recipe" else ARMS[arm]
+    ARMS["_probe"] = probe
+    try:
+        r = run_arm("_probe", probe_steps, out / "probes" / arm,
+                    [*common, f"callbacks.checkpoint_every_n_steps={probe_steps + 1}"], val_every=probe_steps + 1)
+    finally:
+        del ARMS["_probe"]
+    return r["train_seconds"] / max(1, r["steps"])
+
+
+# -- tiny mode ---------------------------------------------------------------------------------------
+
+def tiny_setup(out: Path, threads: int) -> list[str]:
+    """Train a tiny full-precision source (no SubLN) and return the overrides that point every arm at it."""
+    from bitnet_train.config import compose_config
+    from bitnet_train.train import run
+
+    cache = out / "cache"
+    source = out / "tiny_source"
+    shape = {"model.hidden_size": 64, "model.intermediate_size": 128, "model.num_layers": 2,
+             "model.num_heads": 4, "model.num_kv_heads": 2, "model.max_seq_len": 64}
+    data = {"data.block_size": 64, "data.batch_size": 4, "data.cache_dir": str(cache), "data.max_val_tokens": 4096,
+            "trainer.threads": threads, "logger": "csv", "callbacks.progress_bar": "none", "sample_prompt": "null"}
+    run(compose_config([f"{k}={v}" for k, v in {
+        **shape, **data, "name": "tiny_source", "run_dir": str(source), "quant": "none", "model.norm": "none",
+        "data.tokenizer": "train_bpe", "data.bpe_vocab_size": 512, "data.max_train_tokens": 50000,
+        "trainer.max_steps": 40, "trainer.val_check_interval": 40, "trainer.limit_val_batches": 2,
+        "optim.lr": 3e-3, "optim.warmup_steps": 4}.items()]))
+    os.environ.pop("BITNET_RUN_DIR", None)
+    arm = {"model.init_from": str(source / "model"), "model.gguf_file": "null", "model.max_seq_len": 64,
+           "data.max_train_tokens": 50000, "optim.warmup_steps": 2, "quant.lambda_warmup_steps": 2,
+           "callbacks.checkpoint_every_n_steps": 1000}
+    return [f"{k}={v}" for k, v in {**data, **arm}.items()]
+
+
+# -- report ------------------------------------------------------------------------------------------
+
+def write_report(results: list[dict], out: Path, meta: dict) -> None:
+    base = next((r for r in results if r["arm"] == "plain_qat"), None)
+    fp = next((r for r in results if r["arm"] == "fp_finetune"), None)
+    lines = [
+        f"# Distillation fidelity study ({meta['mode']} mode{', tiny' if meta['tiny'] else ''})",
+        "",
+        f"{meta['device']}; budget {meta['budget_minutes']} min per arm; validation: held-out plays, "
+        f"{meta['val_batches']} batches; command: `{meta['command']}`",
+        "",
+        "| arm | steps | tokens | train s | wall s | val ppl | × plain QAT | × fp fine-tune |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        vs_base = f"{r['val_ppl'] / base['val_ppl']:.3f}" if base else "-"
+        vs_fp = f"{r['val_ppl'] / fp['val_ppl']:.3f}" if fp else "-"
+        lines.append(f"| {r['arm']} | {r['steps']} | {r['tokens']} | {r['train_seconds']} | {r['wall_seconds']} | "
+                     f"{r['val_ppl']:.2f} | {vs_base} | {vs_fp} |")
+    (out / "distill_study.md").write_text("\n".join(lines) + "\n")
+    (out / "distill_study.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        if r["curve"]:
+            xs, ys = zip(*r["curve"])
+            ax.plot(xs, ys, marker="o", label=r["arm"])
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("val perplexity (held-out plays)")
+    ax.set_yscale("log")
+    ax.set_title(f"distillation study, {meta['mode']} mode" + (" (tiny)" if meta["tiny"] else ""))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "distill_study.png", dpi=120)
+    print(f"\nwrote {out / 'distill_study.md'}, .json, .png")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        print(f"error: unknown arm(s) {unknown}; choose from {list(ARMS)}", file=sys.stderr)
+        return 2
+    out = (args.out or Path("runs") / "distill_study" / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    common = ["logger=csv", "callbacks.progress_bar=none", f"trainer.threads={threads}",
+              f"trainer.limit_val_batches={args.val_batches}", "sample_prompt=null"]
+    if args.gpu:
+        common += ["trainer=gpu", "trainer.precision=bf16-mixed"]
+    if args.tiny:
+        common += tiny_setup(out, threads)
+    common += args.overrides
+
+    budget_s = args.budget_minutes * 60
+    if args.steps:
+        steps = {a: args.steps for a in arms}
+        probes = {}
+    else:
+        probes = {a: seconds_per_step(a, args.probe_steps, out, common) for a in arms}
+        print("seconds per step:", {a: round(s, 3) for a, s in probes.items()})
+        if args.mode == "tokens":
+            n = max(1, int(budget_s / max(probes.values())))
+            steps = {a: n for a in arms}
+        else:
+            steps = {a: max(1, int(budget_s / probes[a])) for a in arms}
+    results = []
+    for a in arms:
+        print(f"\n##### {a}: {steps[a]} steps")
+        r = run_arm(a, steps[a], out / a, common, val_every=max(1, steps[a] // max(1, args.val_points)))
+        r["probe_seconds_per_step"] = probes.get(a)
+        results.append(r)
+        (out / "distill_study.partial.json").write_text(json.dumps(results, indent=1))
+
+    device = "GPU" if args.gpu else f"CPU, {threads} thread(s)"
+    meta = {"mode": args.mode, "tiny": args.tiny, "budget_minutes": args.budget_minutes, "device": device,
+            "val_batches": args.val_batches, "command": " ".join(["python", "bench/distill_study.py", *(argv or sys.argv[1:])])}
+    write_report(results, out, meta)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
