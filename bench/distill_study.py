@@ -162,7 +162,8 @@ def write_report(results: list[dict], out: Path, meta: dict) -> None:
     lines = [
         f"# Distillation fidelity study ({meta['mode']} mode{', tiny' if meta['tiny'] else ''})",
         "",
-        f"{meta['device']}; budget {meta['budget_minutes']} min per arm; validation: held-out plays, "
+        f"{meta['device']}; " + (f"{meta['fixed_steps']} steps per arm (--steps)" if meta.get("fixed_steps")
+                                  else f"budget {meta['budget_minutes']} min per arm") + "; validation: held-out plays, "
         f"{meta['val_batches']} batches; command: `{meta['command']}`",
         "",
         "| arm | steps | tokens | train s | wall s | val ppl | × plain QAT | × fp fine-tune |",
@@ -242,6 +243,7 @@ def main(argv=None) -> int:
 
     device = "GPU" if args.gpu else f"CPU, {threads} thread(s)"
     meta = {"mode": args.mode, "tiny": args.tiny, "budget_minutes": args.budget_minutes, "device": device,
+            "fixed_steps": args.steps,
             "val_batches": args.val_batches, "command": " ".join(["python", "bench/distill_study.py", *(argv or sys.argv[1:])])}
     write_report(results, out, meta)
     return 0
