@@ -20,8 +20,14 @@ EPS = 1e-5
 ACT_MAX = 127.0
 
 
+def _act_scale(amax: torch.Tensor, eps: float) -> torch.Tensor:
+    # A true division 127 / m, as the contract and the C++ runtime write it. (`127.0 / t` in
+    # PyTorch is computed as reciprocal(t) * 127, which is 1 ulp off for about a quarter of m.)
+    return amax.new_full((), ACT_MAX) / amax.clamp(min=eps)
+
+
 def weight_quant(w: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Absmean ternary quantization of a whole tensor.
+    """Absmean ternary quantization of a whole tensor (the reference form).
 
     Returns (codes, s_w): codes in {-1, 0, 1} (fp32), s_w a 0-dim fp32 tensor; w ~ codes * s_w.
     """
@@ -32,42 +38,73 @@ def weight_quant(w: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch
 
 
 def act_quant(x: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token absmax int8 quantization over the last dim.
+    """Per-token absmax int8 quantization over the last dim (the reference form).
 
     Returns (codes, s_x): codes in [-128, 127] (fp32), s_x of shape (..., 1); x ~ codes / s_x.
     """
     x = x.float()
-    s_x = ACT_MAX / x.abs().amax(dim=-1, keepdim=True).clamp(min=eps)
+    s_x = _act_scale(x.abs().amax(dim=-1, keepdim=True), eps)
     codes = (x * s_x).round().clamp(-128, 127)
     return codes, s_x
+
+
+# The training hot path: the same arithmetic as weight_quant / act_quant (bit for bit, tested),
+# written to allocate one buffer per quantizer instead of four. On a CPU, fresh allocations cost
+# page faults that weigh more than the arithmetic itself. Autograd must be off (as it is inside
+# an autograd.Function's forward): the ops run in place and with out=.
+
+
+def _weight_codes(w32: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    buf = w32.abs()
+    s_w = buf.mean().clamp_(min=eps)
+    codes = torch.div(w32, s_w, out=buf).round_().clamp_(-1, 1)
+    return codes, s_w
+
+
+def _act_codes(x32: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    buf = x32.abs()
+    s_x = _act_scale(buf.amax(dim=-1, keepdim=True), eps)
+    codes = torch.mul(x32, s_x, out=buf).round_().clamp_(-128, 127)
+    return codes, s_x
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    mm_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        mm_dtype = torch.get_autocast_dtype("cuda")
+    return mm_dtype
 
 
 class _BitLinearFn(torch.autograd.Function):
     """y = q_lam(x) @ q_lam(W)^T with q_lam(v) = v + lam * (q(v) - v); identity gradients (STE).
 
     At lam == 1 the product is computed in the integer-exact form (xq @ Wt^T) * s_w / s_x, which is
-    what the runtime computes with int32 accumulation.
+    what the runtime computes with int32 accumulation. Backward needs the dequantized operands
+    (x_eff = xq / s_x, w_eff = Wt * s_w): they are made in place in the code buffers once the product
+    is done, so a layer allocates one activation-sized buffer, as large as the one saved for
+    backward. (Saving int8 codes instead and dequantizing in backward needs a quarter of the
+    memory but costs two more passes and allocations: 2-5% of a CPU step, bench/README.md.)
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, lam: float, eps: float):
-        x_codes, s_x = act_quant(x, eps)
-        w_codes, s_w = weight_quant(w, eps)
-        mm_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
-        if x.is_cuda and torch.is_autocast_enabled("cuda"):
-            mm_dtype = torch.get_autocast_dtype("cuda")
+        mm_dtype = _matmul_dtype(x)
+        x32 = x if x.dtype == torch.float32 else x.float()
+        w32 = w if w.dtype == torch.float32 else w.float()
+        x_codes, s_x = _act_codes(x32, eps)  # (..., in), (..., 1)
+        w_codes, s_w = _weight_codes(w32, eps)  # (out, in), ()
         if lam == 1.0:
             # codes are small integers: exact in bf16/fp16 as well as fp32.
-            acc = F.linear(x_codes.to(mm_dtype), w_codes.to(mm_dtype)).float()
-            y = acc * (s_w / s_x)
-            x_eff = x_codes / s_x
-            w_eff = w_codes * s_w
+            acc = F.linear(x_codes.to(mm_dtype), w_codes.to(mm_dtype))  # (..., out)
+            y = acc.float().mul_(s_w / s_x)
+            x_eff = x_codes.div_(s_x).to(mm_dtype)
+            w_eff = w_codes.mul_(s_w).to(mm_dtype)
         else:
-            xf, wf = x.float(), w.float()
-            x_eff = xf + lam * (x_codes / s_x - xf)
-            w_eff = wf + lam * (w_codes * s_w - wf)
-            y = F.linear(x_eff.to(mm_dtype), w_eff.to(mm_dtype)).float()
-        ctx.save_for_backward(x_eff.to(mm_dtype), w_eff.to(mm_dtype))
+            # x + lam * (q(x) - x), evaluated in that order.
+            x_eff = x_codes.div_(s_x).sub_(x32).mul_(lam).add_(x32).to(mm_dtype)
+            w_eff = w_codes.mul_(s_w).sub_(w32).mul_(lam).add_(w32).to(mm_dtype)
+            y = F.linear(x_eff, w_eff).float()
+        ctx.save_for_backward(x_eff, w_eff)
         ctx.in_dtypes = (x.dtype, w.dtype)
         out_dtype = mm_dtype if mm_dtype != torch.float32 else x.dtype
         return y.to(out_dtype)
