@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import BitNetError
 from . import _C
-from .engine import Engine, _dtype_tag, _engine_config
+from .engine import Engine, _engine_config
 
 DEVICES = ("cpu", "cuda")
 
@@ -76,17 +76,7 @@ class CudaEngine(Engine):
         only launches kernels). device_index: default BITNET_CUDA_DEVICE or 0."""
         index = int(os.environ.get("BITNET_CUDA_DEVICE", 0)) if device_index is None else int(device_index)
         require_device("cuda", index)
-        packing = (quant or {}).get("packing", "i2_b128")
-        if packing != "i2_b128":
-            raise ValueError(f"tensors must be packed i2_b128, got {packing!r} (CudaEngine.load repacks t3_b5 files)")
-        self.config = dict(config)
-        self.quant = dict(quant or {})
-        entries = []
-        for name, a in tensors.items():
-            a = np.asarray(a)
-            if a.dtype.name == "bfloat16":
-                a = a.view(np.uint16)
-            entries.append((name, np.ascontiguousarray(a), _dtype_tag(name, a)))
+        entries = self._adopt(config, tensors, quant)
         self._model = _C.CudaModel(_engine_config(self.config, self.quant), entries, index)
 
     def isa(self) -> str:

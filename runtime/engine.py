@@ -92,9 +92,17 @@ class Engine:
         (FORMAT.md section 2) -> arrays, ternary linears as i2_b128 `NAME.qweight` (uint8) + `NAME.scale`;
         quant: the file's quant dict (eps, packing). isa: None/"auto" (BITNET_ISA or the best), "scalar",
         "avx2", "avx512"."""
+        entries = self._adopt(config, tensors, quant)
+        self._model = _C.Model(_engine_config(self.config, self.quant), entries, isa or "")
+        self.threads = threads if threads is not None else int(os.environ.get("BITNET_THREADS", 0)) or _C.default_threads()
+
+    def _adopt(self, config: Mapping, tensors: Mapping[str, np.ndarray], quant: Mapping | None) -> list:
+        """Keep config/quant and turn tensors into the engine's (name, array, dtype tag) entries.
+        Ternary codes are used in place (they must be C-contiguous); other arrays are copied only
+        when they are not contiguous."""
         packing = (quant or {}).get("packing", "i2_b128")
         if packing != "i2_b128":
-            raise ValueError(f"tensors must be packed i2_b128, got {packing!r} (Engine.load repacks t3_b5 files)")
+            raise ValueError(f"tensors must be packed i2_b128, got {packing!r} ({type(self).__name__}.load repacks t3_b5 files)")
         self.config = dict(config)
         self.quant = dict(quant or {})
         entries = []
@@ -108,8 +116,7 @@ class Engine:
                     raise ValueError(f"tensor {name!r} (ternary codes) must be C-contiguous")
                 a = np.ascontiguousarray(a)
             entries.append((name, a, tag))
-        self._model = _C.Model(_engine_config(self.config, self.quant), entries, isa or "")
-        self.threads = threads if threads is not None else int(os.environ.get("BITNET_THREADS", 0)) or _C.default_threads()
+        return entries
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, isa: str | None = None, threads: int | None = None,

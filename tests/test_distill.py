@@ -258,19 +258,9 @@ def test_cached_kd_uses_the_cache_after_the_first_pass(tmp_path):
 
 # -- the staged recipe end to end (tiny) -------------------------------------------------------------
 
-WORDS = ("thou art the king and I the fool of time that speaks in sleep good night sweet prince "
-         "my lord the queen doth love thee well enough what light through yonder window breaks").split()
-
-
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("corpus")
-    g = torch.Generator().manual_seed(0)
-    for doc in range(4):
-        lines = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (6,), generator=g).tolist())
-                 for _ in range(100)]
-        (d / f"doc{doc}.txt").write_text("\n".join(lines) + "\n")
-    return d
+def corpus(tmp_path_factory, verse_corpus) -> Path:
+    return verse_corpus(tmp_path_factory.mktemp("corpus"), docs=4, lines=100)
 
 
 def _overrides(corpus: Path, run_dir: Path, **extra) -> list[str]:

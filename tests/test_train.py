@@ -15,23 +15,10 @@ from safetensors.torch import load_file
 from bitnet_train.__main__ import main
 from bitnet_train.model_dir import load_model_dir
 
-WORDS = ("thou art the king and I the fool of time that speaks in sleep good night sweet prince "
-         "my lord the queen doth love thee well enough what light through yonder window breaks").split()
-
-
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
+def corpus(tmp_path_factory, verse_corpus) -> Path:
     """~30 KB of pseudo-verse in 6 documents (deterministic)."""
-    d = tmp_path_factory.mktemp("corpus")
-    g = torch.Generator().manual_seed(0)
-    for doc in range(6):
-        lines = []
-        for _ in range(120):
-            n = int(torch.randint(4, 9, (1,), generator=g))
-            idx = torch.randint(0, len(WORDS), (n,), generator=g).tolist()
-            lines.append(" ".join(WORDS[i] for i in idx).capitalize() + ",")
-        (d / f"doc{doc}.txt").write_text("\n".join(lines) + "\n")
-    return d
+    return verse_corpus(tmp_path_factory.mktemp("corpus"), docs=6, lines=120, words_per_line=(4, 8))
 
 
 def tiny_overrides(corpus: Path, run_dir: Path, **extra) -> list[str]:
