@@ -53,14 +53,6 @@ struct PyModel {
   std::unique_ptr<Model> model;
 };
 
-#ifdef BITNET_WITH_CUDA
-// The CUDA model plus the Python arrays it was loaded from (the device holds copies; kept for
-// symmetry with PyModel and so that the host arrays outlive the upload).
-struct PyCudaModel {
-  std::vector<py::object> keep_alive;
-  std::unique_ptr<cuda::DeviceModel> model;
-};
-
 using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
 // (seq_ids, token arrays) -> a ragged Batch over `flat` (which must outlive it).
@@ -80,6 +72,15 @@ Batch make_batch(const std::vector<int64_t>& seq_ids, const std::vector<I32Array
   b.tokens = flat.data();
   return b;
 }
+
+#ifdef BITNET_WITH_CUDA
+// The CUDA model plus the Python arrays it was loaded from (the device holds copies; kept for
+// symmetry with PyModel and so that the host arrays outlive the upload).
+struct PyCudaModel {
+  std::vector<py::object> keep_alive;
+  std::unique_ptr<cuda::DeviceModel> model;
+};
+
 #endif
 
 std::string norm_name(NormKind n) {
@@ -231,21 +232,9 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "forward",
           [](const PyModel& p, KVCache& cache, const std::vector<int64_t>& seq_ids,
-             const std::vector<py::array_t<int32_t, py::array::c_style | py::array::forcecast>>& tokens, bool all_logits) {
-            if (tokens.size() != seq_ids.size())
-              throw std::invalid_argument("forward: " + std::to_string(seq_ids.size()) + " sequence slots but " +
-                                          std::to_string(tokens.size()) + " token arrays");
-            Batch b;
-            b.seq_ids = seq_ids;
-            b.offsets.push_back(0);
-            for (const auto& t : tokens) {
-              if (t.ndim() != 1) throw std::invalid_argument("forward: each token array must be 1-D");
-              b.offsets.push_back(b.offsets.back() + t.shape(0));
-            }
-            std::vector<int32_t> flat(static_cast<size_t>(b.offsets.back()));
-            for (size_t i = 0; i < tokens.size(); ++i)
-              std::copy_n(tokens[i].data(), tokens[i].shape(0), flat.data() + b.offsets[i]);
-            b.tokens = flat.data();
+             const std::vector<I32Array>& tokens, bool all_logits) {
+            std::vector<int32_t> flat;
+            const Batch b = make_batch(seq_ids, tokens, flat);
             p.model->check_batch(cache, b);
             const int64_t rows = p.model->logits_rows(b, all_logits);
             py::array_t<float> logits({rows, p.model->config().vocab_size});
