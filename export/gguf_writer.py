@@ -119,7 +119,7 @@ def add_tokenizer(w, arrays: ModelArrays, notes: list[str]) -> None:
     w.add_tokenizer_model("gpt2")
     pre = tj.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        w.add_tokenizer_pre("gpt2")
+        w.add_tokenizer_pre("gpt-2")  # llama.cpp's name for the GPT-2 byte-level pre-tokenizer
     elif pre.get("type") == "Sequence" and [p.get("type") for p in pre.get("pretokenizers", [])] == ["Digits", "ByteLevel"]:
         w.add_tokenizer_pre("smollm")  # SmolLM / SmolLM2: digits split, then GPT-2 byte level
     else:

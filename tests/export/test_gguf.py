@@ -84,6 +84,8 @@ def test_bitnet_arch_tensors_and_values(tmp_path, tokenizer, packing, qtype):
     assert t["blk.0.ffn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
     toks = r.fields["tokenizer.ggml.tokens"]
     assert len(toks.data) == 320 and field(r, "tokenizer.ggml.model") == "gpt2"
+    # llama.cpp's vocab loader refuses unknown pre-tokenizer names ("gpt2" is one; "gpt-2" is right)
+    assert field(r, "tokenizer.ggml.pre") == "gpt-2"
 
 
 def test_llama_arch_loads_in_transformers_with_matching_logits(tmp_path, tokenizer):
