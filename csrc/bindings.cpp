@@ -73,6 +73,24 @@ Batch make_batch(const std::vector<int64_t>& seq_ids, const std::vector<I32Array
   return b;
 }
 
+// Model.forward for either engine (PyModel + KVCache, PyCudaModel + DeviceKVCache): check the batch
+// with the GIL held, then run it without the GIL into a fresh (rows, vocab) logits array.
+template <class PyM, class Cache>
+py::array_t<float> forward_logits(const PyM& p, Cache& cache, const std::vector<int64_t>& seq_ids,
+                                  const std::vector<I32Array>& tokens, bool all_logits) {
+  std::vector<int32_t> flat;
+  const Batch b = make_batch(seq_ids, tokens, flat);
+  p.model->check_batch(cache, b);
+  const int64_t rows = p.model->logits_rows(b, all_logits);
+  py::array_t<float> logits({rows, p.model->config().vocab_size});
+  float* out = logits.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    p.model->forward(cache, b, all_logits, out);
+  }
+  return logits;
+}
+
 #ifdef BITNET_WITH_CUDA
 // The CUDA model plus the Python arrays it was loaded from (the device holds copies; kept for
 // symmetry with PyModel and so that the host arrays outlive the upload).
@@ -233,17 +251,7 @@ PYBIND11_MODULE(_C, m) {
           "forward",
           [](const PyModel& p, KVCache& cache, const std::vector<int64_t>& seq_ids,
              const std::vector<I32Array>& tokens, bool all_logits) {
-            std::vector<int32_t> flat;
-            const Batch b = make_batch(seq_ids, tokens, flat);
-            p.model->check_batch(cache, b);
-            const int64_t rows = p.model->logits_rows(b, all_logits);
-            py::array_t<float> logits({rows, p.model->config().vocab_size});
-            float* out = logits.mutable_data();
-            {
-              py::gil_scoped_release nogil;
-              p.model->forward(cache, b, all_logits, out);
-            }
-            return logits;
+            return forward_logits(p, cache, seq_ids, tokens, all_logits);
           },
           py::arg("cache"), py::arg("seq_ids"), py::arg("tokens"), py::arg("all_logits") = false,
           "Append tokens[i] to cache slot seq_ids[i]; logits (rows, vocab) for all new tokens or the last of each.");
@@ -312,17 +320,7 @@ PYBIND11_MODULE(_C, m) {
           "forward",
           [](const PyCudaModel& p, cuda::DeviceKVCache& cache, const std::vector<int64_t>& seq_ids,
              const std::vector<I32Array>& tokens, bool all_logits) {
-            std::vector<int32_t> flat;
-            const Batch b = make_batch(seq_ids, tokens, flat);
-            p.model->check_batch(cache, b);
-            const int64_t rows = p.model->logits_rows(b, all_logits);
-            py::array_t<float> logits({rows, p.model->config().vocab_size});
-            float* out = logits.mutable_data();
-            {
-              py::gil_scoped_release nogil;
-              p.model->forward(cache, b, all_logits, out);
-            }
-            return logits;
+            return forward_logits(p, cache, seq_ids, tokens, all_logits);
           },
           py::arg("cache"), py::arg("seq_ids"), py::arg("tokens"), py::arg("all_logits") = false,
           "As Model.forward, on the GPU; logits come back to host memory.")
