@@ -51,7 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="skip the probes: this many steps per arm (tokens mode)")
     p.add_argument("--probe-steps", type=int, default=4)
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
-    p.add_argument("--val-batches", type=int, default=4, help="validation batches (of data.batch_size blocks)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="blocks per step for every arm (the recipes differ: 4 and 8), so equal steps are equal tokens")
+    p.add_argument("--val-batches", type=int, default=4, help="validation batches (of --batch-size blocks)")
     p.add_argument("--val-points", type=int, default=5, help="validations during each run (the plot's points)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--gpu", action="store_true", help="trainer=gpu precision bf16-mixed")
@@ -213,12 +215,12 @@ def main(argv=None) -> int:
     out = (args.out or Path("runs") / "distill_study" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
-    common = ["logger=csv", "callbacks.progress_bar=none", f"trainer.threads={threads}",
+    common = ["logger=csv", "callbacks.progress_bar=none", f"trainer.threads={threads}", f"data.batch_size={args.batch_size}",
               f"trainer.limit_val_batches={args.val_batches}", "sample_prompt=null"]
     if args.gpu:
         common += ["trainer=gpu", "trainer.precision=bf16-mixed"]
     if args.tiny:
-        common += tiny_setup(out, threads)
+        common += tiny_setup(out, threads)  # its data.batch_size (4) wins over --batch-size
     common += args.overrides
 
     budget_s = args.budget_minutes * 60

@@ -240,6 +240,9 @@ PYBIND11_MODULE(_C, m) {
                     [](PyModel& p, int n) { p.model->set_threads(n); })
       .def_property_readonly("config", [](const PyModel& p) { return p.model->config(); })
       .def_property_readonly("weight_bytes_per_token", [](const PyModel& p) { return p.model->weight_bytes_per_token(); })
+      .def("use_int8_lm_head", [](PyModel& p) { py::gil_scoped_release nogil; p.model->use_int8_lm_head(); },
+           "Replace the lm_head by a per-row int8 copy (scale = max|row| / 127).")
+      .def_property_readonly("int8_lm_head", [](const PyModel& p) { return p.model->int8_lm_head(); })
       .def(
           "new_cache",
           [](const PyModel& p, int64_t n_seqs, int64_t max_len) {

@@ -211,11 +211,28 @@ void Model::set_threads(int n) {
   threads_ = n;
 }
 
+void Model::use_int8_lm_head() {
+  if (int8_lm_head()) return;
+  const int64_t V = cfg_.vocab_size, d = cfg_.hidden_size;
+  std::vector<int8_t> q(static_cast<size_t>(V * d));
+  std::vector<float> scale(static_cast<size_t>(V));
+  constexpr int64_t chunk = 256;
+  parallel_for((V + chunk - 1) / chunk, threads_, [&](int64_t c) {
+    const int64_t r0 = c * chunk, r1 = std::min(V, r0 + chunk);
+    const auto* base = static_cast<const uint8_t*>(lm_head_) + r0 * d * dtype_size(lm_head_dtype_);
+    quantize_rows_int8(base, lm_head_dtype_, r1 - r0, d, q.data() + r0 * d, scale.data() + r0);
+  });
+  lm_head_q8_ = std::move(q);
+  lm_head_q8_scale_ = std::move(scale);
+}
+
 int64_t Model::weight_bytes_per_token() const {
   auto lin_bytes = [](const Linear& l) {
     return l.ternary ? l.out * l.n_blocks * kI2BlockBytes + 4 : l.out * l.in * dtype_size(l.dense_dtype);
   };
-  int64_t total = cfg_.vocab_size * cfg_.hidden_size * dtype_size(lm_head_dtype_) + cfg_.hidden_size * dtype_size(embed_dtype_);
+  const int64_t head_bytes = int8_lm_head() ? cfg_.vocab_size * (cfg_.hidden_size + 4)
+                                            : cfg_.vocab_size * cfg_.hidden_size * dtype_size(lm_head_dtype_);
+  int64_t total = head_bytes + cfg_.hidden_size * dtype_size(embed_dtype_);
   for (const Layer& L : layers_)
     for (const Linear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) total += lin_bytes(*l);
   return total;
@@ -297,8 +314,11 @@ void Model::linears(const std::vector<const Linear*>& lins, const float* x, int6
     const size_t qi = in_layer_norm ? i : 0;
     if (l.ternary && (in_layer_norm || !shared_quantized)) {
       qbuf[qi].resize(m, in);
-      kernels_->quantize_rows(xin, m, in, in, cfg_.act_eps, qbuf[qi].q(), qbuf[qi].stride(), qbuf[qi].scale(),
-                              qbuf[qi].sum());
+      QuantBuffer& qb = qbuf[qi];
+      parallel_for(m, m > 1 ? threads_ : 1, [&](int64_t r) {  // rows are independent (prefill, batches)
+        kernels_->quantize_rows(xin + r * in, 1, in, in, cfg_.act_eps, qb.q() + r * qb.stride(), qb.stride(),
+                                qb.scale() + r, qb.sum() + r);
+      });
       qrows[qi] = qbuf[qi].view();
       shared_quantized = true;
     }
@@ -361,26 +381,8 @@ void Model::forward(KVCache& cache, const Batch& b, bool all_logits, float* logi
       const float* Vc = cache.v(l, tok_seq[t], kh);
       thread_local std::vector<float> scores;
       scores.resize(static_cast<size_t>(pos + 1));
-      float mx = -INFINITY;
-      for (int64_t j = 0; j <= pos; ++j) {  // causal: positions 0 .. pos of this sequence
-        float s = 0.0f;
-        for (int64_t i = 0; i < hd; ++i) s += qv[i] * K[j * hd + i];
-        scores[j] = s * attn_scale;
-        mx = std::max(mx, scores[j]);
-      }
-      float denom = 0.0f;
-      for (int64_t j = 0; j <= pos; ++j) {
-        scores[j] = std::exp(scores[j] - mx);
-        denom += scores[j];
-      }
-      float* out = att.data() + (t * nh + hh) * hd;
-      std::fill_n(out, hd, 0.0f);
-      for (int64_t j = 0; j <= pos; ++j) {
-        const float p = scores[j];
-        for (int64_t i = 0; i < hd; ++i) out[i] += p * Vc[j * hd + i];
-      }
-      const float inv = 1.0f / denom;
-      for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
+      // causal: positions 0 .. pos of this sequence
+      kernels_->attend(qv, K, Vc, pos + 1, hd, attn_scale, scores.data(), att.data() + (t * nh + hh) * hd);
     });
     if (cfg_.norm == NormKind::SubLN) rmsnorm_rows(att.data(), att.data(), N, qd, L.attn_sub_norm.data(), cfg_.rms_norm_eps);
     linears({&L.o}, att.data(), N, {o.data()});
@@ -389,14 +391,18 @@ void Model::forward(KVCache& cache, const Batch& b, bool all_logits, float* logi
     // feed-forward
     rmsnorm_rows(x.data(), h.data(), N, d, L.post_attention_norm.data(), cfg_.rms_norm_eps);
     linears({&L.gate, &L.up}, h.data(), N, {g.data(), u.data()});
-    if (cfg_.ffn == FfnKind::SwiGLU) {
-      for (int64_t i = 0; i < N * f; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-    } else {
-      for (int64_t i = 0; i < N * f; ++i) {
-        const float r = std::max(g[i], 0.0f);
-        g[i] = r * r * u[i];
+    parallel_for(N, N > 1 ? threads_ : 1, [&](int64_t t) {
+      float* gr = g.data() + t * f;
+      const float* ur = u.data() + t * f;
+      if (cfg_.ffn == FfnKind::SwiGLU) {
+        for (int64_t i = 0; i < f; ++i) gr[i] = gr[i] / (1.0f + std::exp(-gr[i])) * ur[i];
+      } else {
+        for (int64_t i = 0; i < f; ++i) {
+          const float r = std::max(gr[i], 0.0f);
+          gr[i] = r * r * ur[i];
+        }
       }
-    }
+    });
     if (cfg_.norm == NormKind::SubLN) rmsnorm_rows(g.data(), g.data(), N, f, L.ffn_sub_norm.data(), cfg_.rms_norm_eps);
     linears({&L.down}, g.data(), N, {o.data()});
     for (int64_t i = 0; i < N * d; ++i) x[i] += o[i];
@@ -410,6 +416,15 @@ void Model::forward(KVCache& cache, const Batch& b, bool all_logits, float* logi
   for (int64_t r = 0; r < R; ++r) {
     const int64_t t = all_logits ? r : b.offsets[static_cast<size_t>(r) + 1] - 1;
     rmsnorm_rows(x.data() + t * d, hn.data() + r * d, 1, d, final_norm_.data(), cfg_.rms_norm_eps);
+  }
+  if (int8_lm_head()) {
+    constexpr int64_t chunk = 64;
+    parallel_for((cfg_.vocab_size + chunk - 1) / chunk, threads_, [&](int64_t c) {
+      const int64_t r0 = c * chunk, r1 = std::min(cfg_.vocab_size, r0 + chunk);
+      kernels_->int8_rows(lm_head_q8_.data(), lm_head_q8_scale_.data(), d, r0, r1, hn.data(), R, d, logits,
+                          cfg_.vocab_size);
+    });
+    return;
   }
   Linear head;
   head.name = "lm_head";

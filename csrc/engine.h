@@ -111,6 +111,11 @@ class Model {
   int threads() const { return threads_; }
   void set_threads(int n);  // n >= 1
 
+  // Replace the lm_head by a per-row int8 copy (kernels.h quantize_rows_int8) for the rest of this
+  // model's life: half the bytes of fp16 per decoded token; its perplexity cost is in bench/README.md.
+  void use_int8_lm_head();
+  bool int8_lm_head() const { return !lm_head_q8_.empty(); }
+
   // Bytes of weights read per decoded token (ternary + dense linears + lm_head + one embedding row).
   int64_t weight_bytes_per_token() const;
 
@@ -140,6 +145,8 @@ class Model {
   DType embed_dtype_ = DType::F32;
   const void* lm_head_ = nullptr;  // (vocab, hidden), the embedding when tied
   DType lm_head_dtype_ = DType::F32;
+  std::vector<int8_t> lm_head_q8_;  // (vocab, hidden) when use_int8_lm_head() was called
+  std::vector<float> lm_head_q8_scale_;
   std::vector<float> final_norm_;
   std::vector<Layer> layers_;
   std::vector<float> rope_cos_, rope_sin_;  // (max_seq_len, head_dim / 2)

@@ -136,7 +136,7 @@ def measure_speed(engine, prefill: int = 128, decode: int = 64, bandwidth: bool 
     bytes_per_token = engine.weight_bytes_per_token + kv
     decode_tps = decode / decode_s
     res = {
-        "isa": engine.isa(), "threads": engine.threads,
+        "isa": engine.isa(), "threads": engine.threads, "lm_head": engine.lm_head,
         "prefill_tokens": prefill, "prefill_tok_s": round(prefill / prefill_s, 2),
         "decode_tokens": decode, "decode_tok_s": round(decode_tps, 2),
         "weight_bytes_per_token": engine.weight_bytes_per_token, "kv_bytes_per_token": int(kv),

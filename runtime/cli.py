@@ -41,6 +41,9 @@ def _add_engine_args(p: argparse.ArgumentParser, model_optional: bool = False) -
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: BITNET_THREADS or all cores)")
     p.add_argument("--isa", default=None, help="force a kernel path: scalar, avx2, avx512 (default: the best "
                    "this CPU has, or BITNET_ISA)")
+    p.add_argument("--lm-head", choices=("fp", "int8"), default="fp",
+                   help="int8: a per-row int8 copy of the lm_head made at load (CPU; fewer bytes per token, "
+                   "a small perplexity cost: bench/README.md)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -70,7 +73,7 @@ def _load_engine(args):
     path = Path(args.model)
     if not path.is_file():
         raise CLIError(f"model file {path} does not exist" if not path.exists() else f"model {path} is not a file")
-    return load_engine(path, args.device, isa=args.isa, threads=args.threads)
+    return load_engine(path, args.device, isa=args.isa, threads=args.threads, lm_head=args.lm_head)
 
 
 def _print_json(obj) -> None:
@@ -240,7 +243,7 @@ def cmd_bench(args) -> None:
         require_device(args.device)
         cfg, tensors = random_model(args.shape, max(args.prefill + args.decode, 8), tie=args.tie)
         cls = CudaEngine if args.device == "cuda" else Engine
-        eng = cls(cfg, tensors, {"eps": 1e-5}, isa=args.isa, threads=args.threads)
+        eng = cls(cfg, tensors, {"eps": 1e-5}, isa=args.isa, threads=args.threads, lm_head=args.lm_head)
         what = {"shape": args.shape}
     else:
         eng = _load_engine(args)

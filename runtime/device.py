@@ -70,10 +70,14 @@ class CudaEngine(Engine):
         *,
         isa: str | None = None,
         threads: int | None = None,
+        lm_head: str = "fp",
         device_index: int | None = None,
     ):
         """As Engine; isa and threads are accepted for the same call shape and ignored (the host
-        only launches kernels). device_index: default BITNET_CUDA_DEVICE or 0."""
+        only launches kernels); lm_head must be "fp" (the int8 lm_head is a CPU option).
+        device_index: default BITNET_CUDA_DEVICE or 0."""
+        if lm_head != "fp":
+            raise DeviceError(f"lm_head={lm_head!r} is a CPU engine option; the CUDA engine runs the stored lm_head")
         index = int(os.environ.get("BITNET_CUDA_DEVICE", 0)) if device_index is None else int(device_index)
         require_device("cuda", index)
         entries = self._adopt(config, tensors, quant)
@@ -98,8 +102,8 @@ class CudaEngine(Engine):
 
 
 def load_engine(path, device: str = "cpu", *, isa: str | None = None, threads: int | None = None,
-                verify_checksums: bool = True) -> Engine:
+                verify_checksums: bool = True, lm_head: str = "fp") -> Engine:
     """Engine.load on the requested device ("cpu" or "cuda"); DeviceError when it is not usable."""
     require_device(device)
     cls = CudaEngine if device == "cuda" else Engine
-    return cls.load(path, isa=isa, threads=threads, verify_checksums=verify_checksums)
+    return cls.load(path, isa=isa, threads=threads, verify_checksums=verify_checksums, lm_head=lm_head)

@@ -76,6 +76,9 @@ def _engine_config(config: Mapping, quant: Mapping | None) -> _C.ModelConfig:
     return c
 
 
+LM_HEAD_CHOICES = ("fp", "int8")
+
+
 class Engine:
     """A loaded model on the CPU engine."""
 
@@ -87,14 +90,20 @@ class Engine:
         *,
         isa: str | None = None,
         threads: int | None = None,
+        lm_head: str = "fp",
     ):
         """config: the model config dict (bitnet_train.model.ModelConfig fields); tensors: stored names
         (FORMAT.md section 2) -> arrays, ternary linears as i2_b128 `NAME.qweight` (uint8) + `NAME.scale`;
         quant: the file's quant dict (eps, packing). isa: None/"auto" (BITNET_ISA or the best), "scalar",
-        "avx2", "avx512"."""
+        "avx2", "avx512". lm_head: "fp" (as stored) or "int8" (per-row int8 made at load: half the
+        bytes of fp16 per decoded token, at the perplexity cost measured in bench/README.md)."""
+        if lm_head not in LM_HEAD_CHOICES:
+            raise ValueError(f"lm_head must be one of {LM_HEAD_CHOICES}, got {lm_head!r}")
         entries = self._adopt(config, tensors, quant)
         self._model = _C.Model(_engine_config(self.config, self.quant), entries, isa or "")
         self.threads = threads if threads is not None else int(os.environ.get("BITNET_THREADS", 0)) or _C.default_threads()
+        if lm_head == "int8":
+            self._model.use_int8_lm_head()
 
     def _adopt(self, config: Mapping, tensors: Mapping[str, np.ndarray], quant: Mapping | None) -> list:
         """Keep config/quant and turn tensors into the engine's (name, array, dtype tag) entries.
@@ -120,7 +129,7 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, isa: str | None = None, threads: int | None = None,
-             verify_checksums: bool = True) -> "Engine":
+             verify_checksums: bool = True, lm_head: str = "fp") -> "Engine":
         """Open and validate a .bitnet file (bitnet_train.export.reader) and serve it."""
         from bitnet_train.export import packing as packing_mod  # numpy only
         from bitnet_train.export.reader import open_model
@@ -136,7 +145,7 @@ class Engine:
             for name in f.ternary_layers():
                 tensors[f"{name}.qweight"] = packing_mod.pack_i2_b128(f.codes(name))
             quant["packing"] = "i2_b128"
-        eng = cls(f.config, tensors, quant, isa=isa, threads=threads)
+        eng = cls(f.config, tensors, quant, isa=isa, threads=threads, lm_head=lm_head)
         eng.tokenizer_json = f.tokenizer_json
         eng.tokenizer_config = f.tokenizer_config
         eng.path = Path(path)
@@ -155,6 +164,11 @@ class Engine:
     @threads.setter
     def threads(self, n: int) -> None:
         self._model.threads = int(n)
+
+    @property
+    def lm_head(self) -> str:
+        """"int8" when the lm_head runs as per-row int8, else "fp"."""
+        return "int8" if getattr(self._model, "int8_lm_head", False) else "fp"
 
     @property
     def vocab_size(self) -> int:

@@ -64,7 +64,32 @@ struct KernelTable {
   //   y[i*y_stride + r] = sum_k w[r,k] * x[i*x_stride + k]      (fp32 accumulation)
   void (*dense_rows)(const void* w, DType dt, int64_t n, int64_t r0, int64_t r1, const float* x, int64_t m,
                      int64_t x_stride, float* y, int64_t y_stride);
+  // One query against len cached positions of one head (fp32, keys after RoPE; rows of hd floats):
+  //   p[j] = exp(scale * q.K[j] - max), out = sum_j p[j] V[j] / sum_j p[j].   p: len floats of scratch.
+  void (*attend)(const float* q, const float* K, const float* V, int64_t len, int64_t hd, float scale, float* p,
+                 float* out);
+  // w: (rows, n) int8 with a per-row scale (the int8 lm_head). For r in [r0, r1), i < m:
+  //   y[i*y_stride + r] = w_scale[r] * sum_k w[r,k] * x[i*x_stride + k]      (fp32 accumulation)
+  void (*int8_rows)(const int8_t* w, const float* w_scale, int64_t n, int64_t r0, int64_t r1, const float* x,
+                    int64_t m, int64_t x_stride, float* y, int64_t y_stride);
 };
+
+// The attention and int8 kernels by name (the AVX-512 table uses the AVX2 ones: they are a small
+// part of the work, and every AVX-512 CPU has AVX2).
+void attend_scalar(const float* q, const float* K, const float* V, int64_t len, int64_t hd, float scale, float* p,
+                   float* out);
+void int8_rows_scalar(const int8_t* w, const float* w_scale, int64_t n, int64_t r0, int64_t r1, const float* x,
+                      int64_t m, int64_t x_stride, float* y, int64_t y_stride);
+#ifdef BITNET_HAVE_AVX2
+void attend_avx2(const float* q, const float* K, const float* V, int64_t len, int64_t hd, float scale, float* p,
+                 float* out);
+void int8_rows_avx2(const int8_t* w, const float* w_scale, int64_t n, int64_t r0, int64_t r1, const float* x,
+                    int64_t m, int64_t x_stride, float* y, int64_t y_stride);
+#endif
+
+// Per-row symmetric int8 of a dense (rows, n) matrix: scale[r] = max|w_r| / 127 (1 for an all-zero
+// row), q = clamp(nearbyint(w / scale[r]), -127, 127).  The reference of the int8 lm_head option.
+void quantize_rows_int8(const void* w, DType dt, int64_t rows, int64_t n, int8_t* q, float* scale);
 
 // Scalar kernels: the reference every other path is tested against.
 extern const KernelTable kScalarKernels;

@@ -2,8 +2,8 @@
 //
 // Ternary dot trick: with q = c + 1 in {0, 1, 2} (unsigned) and x signed int8,
 //   sum(c * x) = sum(q * x) - sum(x).
-// _mm256_maddubs_epi16(q, x) forms q0*x0 + q1*x1 per int16 lane: |.| <= 2*128*2 = 512, and the
-// four sums we add before widening stay <= 2048, far inside int16 (no saturation).
+// _mm256_maddubs_epi16(q, x) forms q0*x0 + q1*x1 per int16 lane: |.| <= 2*128*2 = 512 (no
+// saturation); see ternary_tile for how many of them are summed in int16 before widening.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -79,51 +79,64 @@ void quantize_rows_avx2(const float* x, int64_t m, int64_t n, int64_t x_stride, 
   }
 }
 
-// One weight row against NA activation rows.
-template <int NA>
-inline void ternary_row_tile(const uint8_t* row, int64_t n_blocks, const QuantRows& x, int64_t i0, float s_w,
-                             float* y, int64_t y_stride, int64_t r) {
+// R weight rows against A activation rows. The maddubs products are summed in int16 lanes for up
+// to kFlushBlocks blocks (each block adds at most 4 * 512 = 2048 to a lane: 15 blocks <= 30720 <
+// 32767, no saturation), then widened to int32 once per group instead of once per block.
+constexpr int64_t kFlushBlocks = 15;
+
+template <int R, int A>
+inline void ternary_tile(const uint8_t* w, int64_t n_blocks, int64_t r, const QuantRows& x, int64_t i0, float s_w,
+                         float* y, int64_t y_stride) {
   const __m256i mask = _mm256_set1_epi8(3);
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[NA];
-  const int8_t* xq[NA];
-  for (int a = 0; a < NA; ++a) {
-    acc[a] = _mm256_setzero_si256();
-    xq[a] = x.q + (i0 + a) * x.stride;
-  }
-  for (int64_t b = 0; b < n_blocks; ++b) {
-    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kI2BlockBytes));
-    const __m256i q0 = _mm256_and_si256(w, mask);  // elements 0..31 of the block
-    const __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(w, 2), mask);  // 32..63
-    const __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(w, 4), mask);  // 64..95
-    const __m256i q3 = _mm256_and_si256(_mm256_srli_epi16(w, 6), mask);  // 96..127
-    for (int a = 0; a < NA; ++a) {
-      const auto* xb = reinterpret_cast<const __m256i*>(xq[a] + b * kI2BlockCodes);
-      const __m256i p01 = _mm256_add_epi16(_mm256_maddubs_epi16(q0, _mm256_loadu_si256(xb)),
-                                           _mm256_maddubs_epi16(q1, _mm256_loadu_si256(xb + 1)));
-      const __m256i p23 = _mm256_add_epi16(_mm256_maddubs_epi16(q2, _mm256_loadu_si256(xb + 2)),
-                                           _mm256_maddubs_epi16(q3, _mm256_loadu_si256(xb + 3)));
-      acc[a] = _mm256_add_epi32(acc[a], _mm256_madd_epi16(_mm256_add_epi16(p01, p23), ones));
+  const uint8_t* rows[R];
+  for (int j = 0; j < R; ++j) rows[j] = w + (r + j) * n_blocks * kI2BlockBytes;
+  const int8_t* xq[A];
+  for (int a = 0; a < A; ++a) xq[a] = x.q + (i0 + a) * x.stride;
+  __m256i acc32[R][A];
+  for (int j = 0; j < R; ++j)
+    for (int a = 0; a < A; ++a) acc32[j][a] = _mm256_setzero_si256();
+  for (int64_t g0 = 0; g0 < n_blocks; g0 += kFlushBlocks) {
+    const int64_t g1 = std::min(n_blocks, g0 + kFlushBlocks);
+    __m256i acc[R][A];
+    for (int j = 0; j < R; ++j)
+      for (int a = 0; a < A; ++a) acc[j][a] = _mm256_setzero_si256();
+    for (int64_t b = g0; b < g1; ++b) {
+      __m256i wv[R];
+      for (int j = 0; j < R; ++j)
+        wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[j] + b * kI2BlockBytes));
+      for (int k = 0; k < 4; ++k) {  // elements 32k .. 32k+31 of the block
+        __m256i q[R];
+        for (int j = 0; j < R; ++j) q[j] = _mm256_and_si256(k ? _mm256_srli_epi16(wv[j], 2 * k) : wv[j], mask);
+        for (int a = 0; a < A; ++a) {
+          const __m256i xv =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[a] + b * kI2BlockCodes + 32 * k));
+          for (int j = 0; j < R; ++j) acc[j][a] = _mm256_add_epi16(acc[j][a], _mm256_maddubs_epi16(q[j], xv));
+        }
+      }
     }
+    for (int j = 0; j < R; ++j)
+      for (int a = 0; a < A; ++a) acc32[j][a] = _mm256_add_epi32(acc32[j][a], _mm256_madd_epi16(acc[j][a], ones));
   }
-  for (int a = 0; a < NA; ++a) {
-    const int32_t dot = hsum_epi32(acc[a]) - x.sum[i0 + a];
-    y[(i0 + a) * y_stride + r] = static_cast<float>(dot) * (s_w / x.scale[i0 + a]);
-  }
+  for (int j = 0; j < R; ++j)
+    for (int a = 0; a < A; ++a) {
+      const int32_t dot = hsum_epi32(acc32[j][a]) - x.sum[i0 + a];
+      y[(i0 + a) * y_stride + r + j] = static_cast<float>(dot) * (s_w / x.scale[i0 + a]);
+    }
 }
 
+// Decode (one activation row): two weight rows per pass share the activation loads.
+// Prefill/batches: the activation tile (4 rows) is the outer loop so it stays in L1 while the
+// weight rows of the range (a 32-row chunk: 32 * 384 bytes for bitnet-large) are swept.
 void ternary_rows_avx2(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t r1, const QuantRows& x,
                        float s_w, float* y, int64_t y_stride) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = w + r * n_blocks * kI2BlockBytes;
-    int64_t i = 0;
-    for (; i + 4 <= x.m; i += 4) ternary_row_tile<4>(row, n_blocks, x, i, s_w, y, y_stride, r);
-    switch (x.m - i) {
-      case 3: ternary_row_tile<3>(row, n_blocks, x, i, s_w, y, y_stride, r); break;
-      case 2: ternary_row_tile<2>(row, n_blocks, x, i, s_w, y, y_stride, r); break;
-      case 1: ternary_row_tile<1>(row, n_blocks, x, i, s_w, y, y_stride, r); break;
-      default: break;
-    }
+  int64_t i = 0;
+  for (; i + 4 <= x.m; i += 4)
+    for (int64_t r = r0; r < r1; ++r) ternary_tile<1, 4>(w, n_blocks, r, x, i, s_w, y, y_stride);
+  for (; i < x.m; ++i) {
+    int64_t r = r0;
+    for (; r + 2 <= r1; r += 2) ternary_tile<2, 1>(w, n_blocks, r, x, i, s_w, y, y_stride);
+    if (r < r1) ternary_tile<1, 1>(w, n_blocks, r, x, i, s_w, y, y_stride);
   }
 }
 
@@ -213,6 +226,116 @@ void dense_rows_avx2(const void* w, DType dt, int64_t n, int64_t r0, int64_t r1,
 
 }  // namespace
 
-const KernelTable kAvx2Kernels = {"avx2", quantize_rows_avx2, ternary_rows_avx2, dense_rows_avx2};
+void attend_avx2(const float* q, const float* K, const float* V, int64_t len, int64_t hd, float scale, float* p,
+                 float* out) {
+  const int64_t hd8 = hd & ~int64_t{7};
+  auto dot = [&](const float* k) {  // q . k for one position, the tail past hd8 in scalar
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t i = 0; i < hd8; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a);
+    float s = hsum_ps(a);
+    for (int64_t i = hd8; i < hd; ++i) s += q[i] * k[i];
+    return s;
+  };
+  float mx = -INFINITY;
+  int64_t j = 0;
+  for (; j + 4 <= len; j += 4) {  // four positions at a time: independent FMA chains
+    const float* k0 = K + j * hd;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = 0; i < hd8; i += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + i);
+      a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
+      a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + hd + i), a1);
+      a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * hd + i), a2);
+      a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * hd + i), a3);
+    }
+    float s[4] = {hsum_ps(a0), hsum_ps(a1), hsum_ps(a2), hsum_ps(a3)};
+    for (int t = 0; t < 4; ++t) {
+      for (int64_t i = hd8; i < hd; ++i) s[t] += q[i] * k0[t * hd + i];
+      p[j + t] = s[t] * scale;
+      mx = std::max(mx, p[j + t]);
+    }
+  }
+  for (; j < len; ++j) {
+    p[j] = dot(K + j * hd) * scale;
+    mx = std::max(mx, p[j]);
+  }
+  float denom = 0.0f;
+  for (j = 0; j < len; ++j) {
+    p[j] = std::exp(p[j] - mx);
+    denom += p[j];
+  }
+  const __m256 inv = _mm256_set1_ps(1.0f / denom);
+  int64_t i = 0;
+  for (; i + 32 <= hd; i += 32) {  // 32 output lanes in registers while the positions stream by
+    __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+    for (j = 0; j < len; ++j) {
+      const __m256 pj = _mm256_set1_ps(p[j]);
+      const float* v = V + j * hd + i;
+      o0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v), o0);
+      o1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8), o1);
+      o2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 16), o2);
+      o3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 24), o3);
+    }
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(o0, inv));
+    _mm256_storeu_ps(out + i + 8, _mm256_mul_ps(o1, inv));
+    _mm256_storeu_ps(out + i + 16, _mm256_mul_ps(o2, inv));
+    _mm256_storeu_ps(out + i + 24, _mm256_mul_ps(o3, inv));
+  }
+  for (; i + 8 <= hd; i += 8) {
+    __m256 o0 = _mm256_setzero_ps();
+    for (j = 0; j < len; ++j) o0 = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(V + j * hd + i), o0);
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(o0, inv));
+  }
+  const float inv_s = 1.0f / denom;
+  for (; i < hd; ++i) {
+    float o = 0.0f;
+    for (j = 0; j < len; ++j) o += p[j] * V[j * hd + i];
+    out[i] = o * inv_s;
+  }
+}
+
+namespace {
+
+template <int NA>
+inline void int8_row_tile(const int8_t* row, float w_scale, int64_t n, const float* x, int64_t i0, int64_t x_stride,
+                          float* y, int64_t y_stride, int64_t r) {
+  __m256 acc0[NA], acc1[NA];
+  const float* xr[NA];
+  for (int a = 0; a < NA; ++a) {
+    acc0[a] = _mm256_setzero_ps();
+    acc1[a] = _mm256_setzero_ps();
+    xr[a] = x + (i0 + a) * x_stride;
+  }
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k));
+    const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+    for (int a = 0; a < NA; ++a) {
+      acc0[a] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr[a] + k), acc0[a]);
+      acc1[a] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr[a] + k + 8), acc1[a]);
+    }
+  }
+  for (int a = 0; a < NA; ++a) {
+    float s = hsum_ps(_mm256_add_ps(acc0[a], acc1[a]));
+    for (int64_t t = k; t < n; ++t) s += static_cast<float>(row[t]) * xr[a][t];
+    y[(i0 + a) * y_stride + r] = s * w_scale;
+  }
+}
+
+}  // namespace
+
+void int8_rows_avx2(const int8_t* w, const float* w_scale, int64_t n, int64_t r0, int64_t r1, const float* x,
+                    int64_t m, int64_t x_stride, float* y, int64_t y_stride) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* row = w + r * n;
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) int8_row_tile<4>(row, w_scale[r], n, x, i, x_stride, y, y_stride, r);
+    for (; i < m; ++i) int8_row_tile<1>(row, w_scale[r], n, x, i, x_stride, y, y_stride, r);
+  }
+}
+
+const KernelTable kAvx2Kernels = {"avx2", quantize_rows_avx2, ternary_rows_avx2, dense_rows_avx2, attend_avx2,
+                                  int8_rows_avx2};
 
 }  // namespace bitnet

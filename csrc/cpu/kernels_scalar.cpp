@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "cpu/kernels.h"
 
@@ -134,6 +135,50 @@ void dense_rows_scalar(const void* w, DType dt, int64_t n, int64_t r0, int64_t r
 
 }  // namespace
 
+void attend_scalar(const float* q, const float* K, const float* V, int64_t len, int64_t hd, float scale, float* p,
+                   float* out) {
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < len; ++j) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < hd; ++i) s += q[i] * K[j * hd + i];
+    p[j] = s * scale;
+    mx = std::max(mx, p[j]);
+  }
+  float denom = 0.0f;
+  for (int64_t j = 0; j < len; ++j) {
+    p[j] = std::exp(p[j] - mx);
+    denom += p[j];
+  }
+  std::fill_n(out, hd, 0.0f);
+  for (int64_t j = 0; j < len; ++j)
+    for (int64_t i = 0; i < hd; ++i) out[i] += p[j] * V[j * hd + i];
+  const float inv = 1.0f / denom;
+  for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
+}
+
+void int8_rows_scalar(const int8_t* w, const float* w_scale, int64_t n, int64_t r0, int64_t r1, const float* x,
+                      int64_t m, int64_t x_stride, float* y, int64_t y_stride) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t i = 0; i < m; ++i) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < n; ++k) acc += static_cast<float>(w[r * n + k]) * x[i * x_stride + k];
+      y[i * y_stride + r] = acc * w_scale[r];
+    }
+}
+
+void quantize_rows_int8(const void* w, DType dt, int64_t rows, int64_t n, int8_t* q, float* scale) {
+  std::vector<float> row(static_cast<size_t>(n));
+  for (int64_t r = 0; r < rows; ++r) {
+    dense_row_to_fp32(w, dt, n, r, row.data());
+    float amax = 0.0f;
+    for (float v : row) amax = std::fmax(amax, std::fabs(v));
+    const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+    for (int64_t k = 0; k < n; ++k)
+      q[r * n + k] = static_cast<int8_t>(std::fmin(std::fmax(std::nearbyint(row[k] / s), -127.0f), 127.0f));
+    scale[r] = s;
+  }
+}
+
 void dense_row_to_fp32(const void* w, DType dt, int64_t n, int64_t r, float* out) {
   const auto* row = static_cast<const uint8_t*>(w) + r * n * dtype_size(dt);
   for (int64_t k = 0; k < n; ++k) out[k] = dense_at(row, dt, k);
@@ -148,6 +193,7 @@ int64_t find_invalid_i2_byte(const uint8_t* data, int64_t n_bytes) {
   return -1;
 }
 
-const KernelTable kScalarKernels = {"scalar", quantize_rows_scalar, ternary_rows_scalar, dense_rows_scalar};
+const KernelTable kScalarKernels = {"scalar", quantize_rows_scalar, ternary_rows_scalar, dense_rows_scalar,
+                                    attend_scalar, int8_rows_scalar};
 
 }  // namespace bitnet

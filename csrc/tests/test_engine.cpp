@@ -2,6 +2,7 @@
 // tiny model forward on every table, and bad input -> exceptions. Also the ASan + UBSan target:
 //   cmake -S . -B build/san -DBITNET_PYTHON=OFF -DBITNET_SANITIZE=ON && cmake --build build/san
 //   build/san/bitnet_cpp_tests
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -115,6 +116,51 @@ void test_kernels(std::mt19937& rng) {
   }
 }
 
+// Extremes: every code +1 (or -1) against activations all at +-127 over 40 blocks, the worst case
+// for the int16 partial sums of the SIMD ternary kernels.
+void test_kernel_extremes() {
+  const int64_t out = 5, in = 128 * 40, m = 6;
+  for (int sign : {1, -1}) {
+    std::vector<int8_t> codes(static_cast<size_t>(out * in), static_cast<int8_t>(sign));
+    const auto w = pack(codes, out, in);
+    std::vector<float> x(static_cast<size_t>(m * in));
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t k = 0; k < in; ++k) x[i * in + k] = (i % 2 ? -1.0f : 1.0f) * (k % 7 == 0 ? 1.0f : 0.999f);
+    for (const KernelTable* kt : tables()) {
+      QuantBuffer qb;
+      qb.resize(m, in);
+      kt->quantize_rows(x.data(), m, in, in, 1e-5f, qb.q(), qb.stride(), qb.scale(), qb.sum());
+      std::vector<float> ya(static_cast<size_t>(m * out)), yb(ya.size());
+      ternary_matmul(kScalarKernels, w.data(), out, in, qb.view(), 1.0f, ya.data(), 1);
+      ternary_matmul(*kt, w.data(), out, in, qb.view(), 1.0f, yb.data(), 1);
+      check(std::memcmp(ya.data(), yb.data(), ya.size() * 4) == 0,
+            std::string(kt->name) + ": ternary matmul at the int16 extremes (sign " + std::to_string(sign) + ")");
+      const int32_t expect = sign * static_cast<int32_t>(qb.q()[0]) * static_cast<int32_t>(in);
+      check(std::fabs(yb[0] * qb.scale()[0] - static_cast<float>(expect)) <= 1e-3f * std::fabs(static_cast<float>(expect)),
+            std::string(kt->name) + ": extreme dot equals codes * in");
+    }
+  }
+}
+
+void test_attention(std::mt19937& rng) {
+  std::normal_distribution<float> normal;
+  for (const KernelTable* kt : tables())
+    for (int64_t hd : {1, 7, 8, 10, 32, 40, 64, 96, 100, 128})
+      for (int64_t len : {1, 3, 4, 5, 17, 130}) {
+        std::vector<float> q(static_cast<size_t>(hd)), K(static_cast<size_t>(len * hd)), V(K.size());
+        for (auto& v : q) v = normal(rng);
+        for (auto& v : K) v = normal(rng);
+        for (auto& v : V) v = normal(rng);
+        std::vector<float> pa(static_cast<size_t>(len)), pb(pa.size()), oa(q.size()), ob(q.size(), NAN);
+        attend_scalar(q.data(), K.data(), V.data(), len, hd, 0.3f, pa.data(), oa.data());
+        kt->attend(q.data(), K.data(), V.data(), len, hd, 0.3f, pb.data(), ob.data());
+        float err = 0.0f;
+        for (int64_t i = 0; i < hd; ++i) err = std::fmax(err, std::fabs(oa[i] - ob[i]));
+        check(err <= 1e-5f * (1.0f + std::sqrt(static_cast<float>(hd))),
+              std::string(kt->name) + " attention hd " + std::to_string(hd) + " len " + std::to_string(len));
+      }
+}
+
 struct TinyModel {
   ModelConfig cfg;
   std::vector<std::vector<uint8_t>> bufs;
@@ -193,6 +239,58 @@ std::vector<float> run(const Model& model, const std::vector<int32_t>& tokens) {
   return logits;
 }
 
+// The int8 lm_head: kernels against the scalar one, the quantizer against its formula, and a model
+// using it against the same model whose fp32 lm_head holds the dequantized int8 values.
+void test_int8_lm_head(std::mt19937& rng, const std::vector<int32_t>& tokens) {
+  std::normal_distribution<float> normal;
+  for (const auto& s : {std::array<int64_t, 3>{3, 1, 1}, {17, 15, 2}, {9, 40, 5}, {33, 129, 4}}) {
+    const int64_t rows = s[0], n = s[1], m = s[2];
+    std::vector<float> w(static_cast<size_t>(rows * n)), x(static_cast<size_t>(m * n));
+    for (auto& v : w) v = normal(rng);
+    for (auto& v : x) v = normal(rng);
+    std::fill_n(w.begin(), n, 0.0f);  // an all-zero row: scale 1, codes 0
+    std::vector<int8_t> q(w.size());
+    std::vector<float> scale(static_cast<size_t>(rows));
+    quantize_rows_int8(w.data(), DType::F32, rows, n, q.data(), scale.data());
+    bool formula = scale[0] == 1.0f;
+    for (int64_t r = 1; r < rows; ++r) {
+      float amax = 0.0f;
+      for (int64_t k = 0; k < n; ++k) amax = std::fmax(amax, std::fabs(w[r * n + k]));
+      formula = formula && scale[r] == amax / 127.0f;
+      for (int64_t k = 0; k < n; ++k) formula = formula && q[r * n + k] == static_cast<int8_t>(std::nearbyint(w[r * n + k] / scale[r]));
+    }
+    check(formula, "int8 lm_head quantizer: scale = max|w|/127, q = round(w/scale)");
+    std::vector<float> ya(static_cast<size_t>(m * rows)), yb(ya.size());
+    int8_rows_scalar(q.data(), scale.data(), n, 0, rows, x.data(), m, n, ya.data(), rows);
+    for (const KernelTable* kt : tables()) {
+      kt->int8_rows(q.data(), scale.data(), n, 0, rows, x.data(), m, n, yb.data(), rows);
+      float err = 0.0f;
+      for (size_t i = 0; i < ya.size(); ++i) err = std::fmax(err, std::fabs(ya[i] - yb[i]));
+      check(err <= 1e-4f * std::sqrt(static_cast<float>(n)), std::string(kt->name) + " int8 rows " + std::to_string(n));
+    }
+  }
+  TinyModel t = tiny_model(rng, NormKind::SubLN, FfnKind::SwiGLU);
+  const int64_t V = t.cfg.vocab_size, d = t.cfg.hidden_size;
+  const auto* head = static_cast<const float*>(t.map["lm_head.weight"].data);
+  std::vector<int8_t> q(static_cast<size_t>(V * d));
+  std::vector<float> scale(static_cast<size_t>(V)), deq(q.size());
+  quantize_rows_int8(head, DType::F32, V, d, q.data(), scale.data());
+  for (int64_t i = 0; i < V * d; ++i) deq[i] = static_cast<float>(q[i]) * scale[i / d];
+  for (const auto& isa : available_isas()) {
+    Model m8(t.cfg, t.map, isa);
+    m8.use_int8_lm_head();
+    check(m8.int8_lm_head(), "use_int8_lm_head sets the flag");
+    TensorMap dq = t.map;
+    dq["lm_head.weight"].data = deq.data();
+    Model md(t.cfg, dq, isa);
+    check(m8.weight_bytes_per_token() < md.weight_bytes_per_token(), "int8 lm_head reads fewer bytes");
+    const auto a = run(m8, tokens), b = run(md, tokens);
+    float err = 0.0f;
+    for (size_t i = 0; i < a.size(); ++i) err = std::fmax(err, std::fabs(a[i] - b[i]));
+    check(err <= 1e-4f, isa + " int8 lm_head vs dequantized fp32 lm_head: err " + std::to_string(err));
+  }
+}
+
 void test_engine(std::mt19937& rng) {
   const std::vector<int32_t> tokens = {1, 7, 3, 49, 0, 2, 2, 8};
   for (NormKind norm : {NormKind::SubLN, NormKind::BitLinear, NormKind::None})
@@ -215,6 +313,7 @@ void test_engine(std::mt19937& rng) {
         check(err <= 0.05f * mag, "forward " + isa + " vs scalar: err " + std::to_string(err));
       }
     }
+  test_int8_lm_head(rng, tokens);
 }
 
 void test_bad_input(std::mt19937& rng) {
@@ -274,6 +373,8 @@ int main() {
   for (const KernelTable* kt : tables()) isas += std::string(" ") + kt->name;
   std::printf("kernel tables:%s\n", isas.c_str());
   test_kernels(rng);
+  test_kernel_extremes();
+  test_attention(rng);
   test_engine(rng);
   test_bad_input(rng);
   std::printf("%d checks, %d failures\n", g_checks, g_failures);

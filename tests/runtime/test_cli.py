@@ -90,6 +90,12 @@ def test_bench_json(files):
     res = json.loads(r.stdout)
     assert res["prefill_tokens"] == 16 and res["decode_tokens"] == 8 and res["threads"] == 1
     assert res["prefill_tok_s"] > 0 and res["decode_tok_s"] > 0 and res["weight_bytes_per_token"] > 0
+    assert res["lm_head"] == "fp"
+    r8 = run_cli("bench", files["model"], "--prefill", "16", "--decode", "8", "--no-bandwidth", "--json",
+                 "--lm-head", "int8")
+    assert r8.returncode == 0, r8.stderr
+    res8 = json.loads(r8.stdout)
+    assert res8["lm_head"] == "int8" and res8["weight_bytes_per_token"] < res["weight_bytes_per_token"]
 
 
 def test_runtime_and_cli_run_without_torch(files):
@@ -138,6 +144,7 @@ def assert_one_line_error(capsys, argv, match):
     (["--isa", "bogus"], "unknown ISA 'bogus'"),
     (["--device", "tpu"], "invalid choice"),
     (["--threads", "0"], "threads = 0"),
+    (["--lm-head", "int4"], "invalid choice: 'int4'"),
 ])
 def test_bad_generate_options(files, capsys, extra, match):
     assert_one_line_error(capsys, ["generate", files["model"], "-p", "hi", *extra], match)

@@ -151,3 +151,35 @@ def test_engine_logits_match_the_trained_model_with_fp32_export(tmp_path):
     eng = Engine.load(export(model, tmp_path / "m.bitnet", dense_dtype="F32"))
     seq = prompts(model.config.vocab_size, lengths=(16,))[0]
     assert_close(eng.forward(seq), ref_logits(model, seq), "trained model")
+
+
+def int8_rows_reference(w: np.ndarray) -> np.ndarray:
+    """Per-row symmetric int8 (scale = max|row| / 127, round half to even), dequantized, in numpy."""
+    w = w.astype(np.float32)
+    amax = np.abs(w).max(-1, keepdims=True)
+    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1))
+    return (np.clip(np.rint(w / scale), -127, 127) * scale).astype(np.float32)
+
+
+@pytest.mark.parametrize("variant", ["subln-swiglu-gqa", "none-swiglu-mqa-tied"])
+def test_int8_lm_head_matches_reference_with_int8_weights(tmp_path, variant):
+    model = make_model(VARIANTS[variant])
+    path = export(model, tmp_path / "m.bitnet")
+    ref = build_reference_model(path)
+    # the reference with an int8-rounded lm_head; a new parameter, so tied embeddings stay as stored
+    q = int8_rows_reference(ref.lm_head.weight.detach().numpy())
+    ref.lm_head.weight = torch.nn.Parameter(torch.from_numpy(q), requires_grad=False)
+    eng = Engine.load(path, lm_head="int8")
+    fp = Engine.load(path)
+    assert eng.lm_head == "int8" and fp.lm_head == "fp"
+    assert eng.weight_bytes_per_token < fp.weight_bytes_per_token
+    for seq in prompts(model.config.vocab_size, lengths=(9, 4)):
+        got = eng.forward(seq)
+        assert_close(got, ref_logits(ref, seq), f"int8 lm_head {variant}")
+        assert not np.allclose(got, fp.forward(seq), rtol=0, atol=1e-7), "int8 lm_head changed nothing"
+
+
+def test_int8_lm_head_rejects_unknown_choice(tmp_path):
+    path = export(make_model(VARIANTS["subln-swiglu-gqa"]), tmp_path / "m.bitnet")
+    with pytest.raises(ValueError, match="lm_head must be one of"):
+        Engine.load(path, lm_head="int4")

@@ -1,0 +1,62 @@
+// Kernel microbenchmark: GMAC/s of each compiled ISA's ternary and dense kernels on one thread,
+// for decode (m = 1) and prefill (m = 128) shapes of bitnet-large. Prints a table.
+//   cmake -S . -B build/bench -DBITNET_PYTHON=OFF -DBITNET_CPP_TESTS=ON -DBITNET_CUDA=OFF
+//   cmake --build build/bench --target bitnet_kernel_bench && build/bench/bitnet_kernel_bench
+#include <chrono>
+#include <functional>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "cpu/kernels.h"
+
+using namespace bitnet;
+
+namespace {
+
+double seconds_per_call(const std::function<void()>& fn, double min_seconds = 0.3) {
+  fn();  // warm
+  int reps = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  double el = 0;
+  do {
+    fn();
+    ++reps;
+    el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  } while (el < min_seconds);
+  return el / reps;
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 rng(1);
+  const int64_t out = 4096, in = 1536;
+  const int64_t nb = i2_blocks_per_row(in);
+  std::vector<uint8_t> w(static_cast<size_t>(out * nb * kI2BlockBytes));
+  std::uniform_int_distribution<int> code(0, 2);
+  for (auto& b : w) b = static_cast<uint8_t>(code(rng) | code(rng) << 2 | code(rng) << 4 | code(rng) << 6);
+  std::vector<uint16_t> wd(static_cast<size_t>(out * in));
+  for (auto& h : wd) h = static_cast<uint16_t>(0x3000 + (rng() & 0x3ff));  // small fp16 values
+  std::printf("%-8s %8s %6s %12s %12s\n", "isa", "kernel", "m", "GMAC/s", "weight GB/s");
+  for (const std::string& isa : available_isas()) {
+    const KernelTable& kt = select_kernels(isa);
+    for (int64_t m : {1, 8, 128}) {
+      std::vector<float> x(static_cast<size_t>(m * in)), y(static_cast<size_t>(m * out));
+      std::normal_distribution<float> nd;
+      for (auto& v : x) v = nd(rng);
+      QuantBuffer qb;
+      qb.resize(m, in);
+      kt.quantize_rows(x.data(), m, in, in, 1e-5f, qb.q(), qb.stride(), qb.scale(), qb.sum());
+      const QuantRows xr = qb.view();
+      if (isa == "scalar" && m > 8) continue;
+      double s = seconds_per_call([&] { kt.ternary_rows(w.data(), nb, 0, out, xr, 0.02f, y.data(), out); });
+      std::printf("%-8s %8s %6lld %12.2f %12.2f\n", isa.c_str(), "ternary", static_cast<long long>(m),
+                  out * in * m / s * 1e-9, w.size() / s * 1e-9);
+      s = seconds_per_call([&] { kt.dense_rows(wd.data(), DType::F16, in, 0, out, x.data(), m, in, y.data(), out); });
+      std::printf("%-8s %8s %6lld %12.2f %12.2f\n", isa.c_str(), "f16", static_cast<long long>(m),
+                  out * in * m / s * 1e-9, wd.size() * 2 / s * 1e-9);
+    }
+  }
+  return 0;
+}
