@@ -177,7 +177,15 @@ def cmd_chat(args) -> None:
 
 def add_eval_args(p):
     _add_engine_args(p)
-    p.add_argument("text", metavar="TEXT_FILE", help="UTF-8 text file to score")
+    p.add_argument("text", metavar="TEXT_FILE", nargs="?", help="UTF-8 text file to score (or --dataset)")
+    g = p.add_argument_group("dataset (instead of TEXT_FILE; needs the datasets package)")
+    g.add_argument("--dataset", metavar="NAME", help="a Hugging Face dataset: a Hub name, a save_to_disk "
+                   "directory, or a file builder (json, parquet, csv, text) with --data-files")
+    g.add_argument("--dataset-config", default=None, help="the dataset's configuration name")
+    g.add_argument("--split", default="test", help="split to score (default: test)")
+    g.add_argument("--text-column", default="text", help="column holding the text (default: text)")
+    g.add_argument("--data-files", nargs="+", default=None, metavar="FILE", help="files for a builder --dataset")
+    g.add_argument("--max-documents", type=int, default=None, help="only the first N rows")
     p.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's context)")
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: window / 2)")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the file")
@@ -186,16 +194,31 @@ def add_eval_args(p):
 
 
 def cmd_eval(args) -> None:
-    """Perplexity of the model over a text file (strided windows of its context)."""
+    """Perplexity of the model over a text file or a dataset split (strided windows of its context)."""
     from .evaluate import perplexity
     from .tokenizer import Tokenizer
 
-    path = Path(args.text)
-    if not path.is_file():
-        raise CLIError(f"text file {path} does not exist")
+    from .evaluate import DatasetError, dataset_text
+
+    if (args.text is None) == (args.dataset is None):
+        raise CLIError("eval needs TEXT_FILE or --dataset NAME (one of them)")
+    if args.text is not None:
+        path = Path(args.text)
+        if not path.is_file():
+            raise CLIError(f"text file {path} does not exist")
+        source = {"file": str(path)}
+        text = path.read_text(encoding="utf-8")
+    else:
+        try:
+            text = dataset_text(args.dataset, config=args.dataset_config, split=args.split, column=args.text_column,
+                                data_files=args.data_files, max_documents=args.max_documents)
+        except DatasetError as error:
+            raise CLIError(str(error)) from error
+        source = {"dataset": args.dataset, "dataset_config": args.dataset_config, "split": args.split,
+                  "text_column": args.text_column}
     eng = _load_engine(args)
     tok = Tokenizer.from_model_file(eng)
-    ids = tok.encode(path.read_text(encoding="utf-8"))
+    ids = tok.encode(text)
     if args.max_tokens is not None:
         if args.max_tokens < 2:
             raise CLIError(f"--max-tokens must be >= 2, got {args.max_tokens}")
@@ -210,7 +233,7 @@ def cmd_eval(args) -> None:
         res = perplexity(eng, ids, window=args.window, stride=args.stride,
                          progress=lambda done, total: bar.update(task, completed=done, total=total))
     if args.json:
-        _print_json({"file": str(path), **res.as_dict(), "isa": eng.isa(), "threads": eng.threads})
+        _print_json({**source, **res.as_dict(), "isa": eng.isa(), "threads": eng.threads, "lm_head": eng.lm_head})
     else:
         print(f"perplexity {res.ppl:.4f} over {res.tokens} tokens (nll {res.nll:.4f} nats/token, top-1 "
               f"{100 * res.top1:.2f}%); {res.windows} windows of {res.window} tokens, stride {res.stride}; "

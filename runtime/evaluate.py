@@ -85,3 +85,63 @@ def perplexity(
     nll = nll_sum / scored
     return PerplexityResult(tokens=scored, nll=nll, ppl=math.exp(nll), top1=correct / scored, windows=len(spans),
                             window=window, stride=stride, seconds=time.perf_counter() - t0)
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be read for evaluation: the message names the problem."""
+
+
+def dataset_text(
+    name: str,
+    *,
+    config: str | None = None,
+    split: str = "test",
+    column: str = "text",
+    data_files: Sequence[str] | None = None,
+    max_documents: int | None = None,
+    separator: str = "\n\n",
+) -> str:
+    """The documents of a Hugging Face dataset split joined by `separator`, for perplexity.
+
+    name: a Hub dataset ("wikitext" with config "wikitext-2-raw-v1"), a directory written by
+    `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or a file builder ("json", "parquet", "csv",
+    "text") with data_files. Needs the `datasets` package (pip install datasets; the runtime itself
+    does not). Offline, Hub names work only from the local cache."""
+    try:
+        import datasets
+    except ImportError as error:
+        raise DatasetError("--dataset needs the 'datasets' package (pip install datasets)") from error
+    if max_documents is not None and max_documents < 1:
+        raise DatasetError(f"max_documents must be >= 1, got {max_documents}")
+    from pathlib import Path
+
+    where = f"dataset {name!r}" + (f" ({config})" if config else "")
+    try:
+        if Path(name).is_dir() and not data_files:
+            ds = datasets.load_from_disk(name)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DatasetError(f"{where} has no split {split!r}; it has {sorted(ds)}")
+                ds = ds[split]
+        else:
+            files = list(data_files) if data_files else None
+            if files:
+                missing = [f for f in files if not Path(f).is_file()]
+                if missing:
+                    raise DatasetError(f"data file {missing[0]} does not exist")
+            ds = datasets.load_dataset(name, config, data_files=files, split=split)
+    except DatasetError:
+        raise
+    except ValueError as error:  # unknown split and similar: the library's message names it
+        raise DatasetError(f"cannot load {where} split {split!r}: {error}") from error
+    except Exception as error:  # network, not found, offline, bad files: many types
+        offline = " (Hugging Face offline mode is on)" if datasets.config.HF_HUB_OFFLINE else ""
+        raise DatasetError(f"cannot load {where} split {split!r}{offline}: {type(error).__name__}: {error}") from error
+    if column not in ds.column_names:
+        raise DatasetError(f"{where} has no column {column!r}; its columns are {ds.column_names}")
+    if max_documents is not None:
+        ds = ds.select(range(min(max_documents, len(ds))))
+    docs = [t for t in ds[column] if isinstance(t, str) and t.strip()]
+    if not docs:
+        raise DatasetError(f"{where} split {split!r} has no non-empty text in column {column!r}")
+    return separator.join(docs)

@@ -84,6 +84,37 @@ def test_eval_json(files, text_file):
     assert np.isfinite(res["ppl"]) and res["ppl"] == pytest.approx(np.exp(res["nll"]))
 
 
+def test_eval_dataset_matches_the_same_text_as_a_file(files, tmp_path, text_file):
+    """--dataset: a save_to_disk directory and a json file builder score what the joined text scores."""
+    datasets = pytest.importorskip("datasets")
+    docs = [d for d in text_file.read_text().splitlines() if d.strip()]
+    assert len(docs) >= 2
+    joined = tmp_path / "joined.txt"
+    joined.write_text("\n\n".join(docs))
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"body": docs})}).save_to_disk(str(tmp_path / "ds"))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    want = json.loads(run_cli("eval", files["model"], joined, "--json", "--window", "32").stdout)
+    for extra in (["--dataset", tmp_path / "ds"], ["--dataset", "json", "--data-files", rows, "--split", "train"]):
+        r = run_cli("eval", files["model"], "--json", "--window", "32", "--text-column", "body", *extra)
+        assert r.returncode == 0, r.stderr
+        got = json.loads(r.stdout)
+        assert got["tokens"] == want["tokens"] and got["nll"] == pytest.approx(want["nll"], rel=1e-9)
+        assert got["dataset"] == str(extra[1])
+
+
+def test_eval_dataset_errors(files, tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"body": ["some text here"]}).save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["x y"]})}).save_to_disk(str(tmp_path / "dd"))
+    capsys.readouterr()  # the progress bars of save_to_disk
+    assert_one_line_error(capsys, ["eval", files["model"], "--dataset", tmp_path / "one"], "has no column 'text'")
+    assert_one_line_error(capsys, ["eval", files["model"], "--dataset", tmp_path / "dd"], "has no split 'test'")
+    assert_one_line_error(capsys, ["eval", files["model"], "--dataset", "json", "--data-files", tmp_path / "nope.jsonl"],
+                          "does not exist")
+    assert_one_line_error(capsys, ["eval", files["model"]], "eval needs TEXT_FILE or --dataset NAME")
+
+
 def test_bench_json(files):
     r = run_cli("bench", files["model"], "--prefill", "16", "--decode", "8", "--no-bandwidth", "--json")
     assert r.returncode == 0, r.stderr
