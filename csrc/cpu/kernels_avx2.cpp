@@ -140,9 +140,14 @@ void ternary_rows_avx2(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t r
   }
 }
 
+// Not a stored dtype: the int8 lm_head codes (int8_rows), loaded through the dense tiles below.
+constexpr DType kI8Codes = static_cast<DType>(100);
+
 template <DType DT>
 inline __m256 load8(const uint8_t* row, int64_t k) {
-  if constexpr (DT == DType::F32) {
+  if constexpr (DT == kI8Codes) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k))));
+  } else if constexpr (DT == DType::F32) {
     return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + k);
   } else if constexpr (DT == DType::F16) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * k)));
@@ -154,7 +159,9 @@ inline __m256 load8(const uint8_t* row, int64_t k) {
 
 template <DType DT>
 inline float load1(const uint8_t* row, int64_t k) {
-  if constexpr (DT == DType::F32) {
+  if constexpr (DT == kI8Codes) {
+    return static_cast<float>(static_cast<int8_t>(row[k]));
+  } else if constexpr (DT == DType::F32) {
     float f;
     std::memcpy(&f, row + 4 * k, 4);
     return f;
@@ -200,7 +207,7 @@ template <DType DT>
 void dense_rows_t(const void* w, int64_t n, int64_t r0, int64_t r1, const float* x, int64_t m, int64_t x_stride,
                   float* y, int64_t y_stride) {
   const auto* base = static_cast<const uint8_t*>(w);
-  const int64_t row_bytes = n * (DT == DType::F32 ? 4 : 2);
+  const int64_t row_bytes = n * (DT == DType::F32 ? 4 : DT == kI8Codes ? 1 : 2);
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = base + r * row_bytes;
     int64_t i = 0;
@@ -294,45 +301,11 @@ void attend_avx2(const float* q, const float* K, const float* V, int64_t len, in
   }
 }
 
-namespace {
-
-template <int NA>
-inline void int8_row_tile(const int8_t* row, float w_scale, int64_t n, const float* x, int64_t i0, int64_t x_stride,
-                          float* y, int64_t y_stride, int64_t r) {
-  __m256 acc0[NA], acc1[NA];
-  const float* xr[NA];
-  for (int a = 0; a < NA; ++a) {
-    acc0[a] = _mm256_setzero_ps();
-    acc1[a] = _mm256_setzero_ps();
-    xr[a] = x + (i0 + a) * x_stride;
-  }
-  int64_t k = 0;
-  for (; k + 16 <= n; k += 16) {
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k));
-    const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-    const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
-    for (int a = 0; a < NA; ++a) {
-      acc0[a] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr[a] + k), acc0[a]);
-      acc1[a] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr[a] + k + 8), acc1[a]);
-    }
-  }
-  for (int a = 0; a < NA; ++a) {
-    float s = hsum_ps(_mm256_add_ps(acc0[a], acc1[a]));
-    for (int64_t t = k; t < n; ++t) s += static_cast<float>(row[t]) * xr[a][t];
-    y[(i0 + a) * y_stride + r] = s * w_scale;
-  }
-}
-
-}  // namespace
-
 void int8_rows_avx2(const int8_t* w, const float* w_scale, int64_t n, int64_t r0, int64_t r1, const float* x,
                     int64_t m, int64_t x_stride, float* y, int64_t y_stride) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const int8_t* row = w + r * n;
-    int64_t i = 0;
-    for (; i + 4 <= m; i += 4) int8_row_tile<4>(row, w_scale[r], n, x, i, x_stride, y, y_stride, r);
-    for (; i < m; ++i) int8_row_tile<1>(row, w_scale[r], n, x, i, x_stride, y, y_stride, r);
-  }
+  dense_rows_t<kI8Codes>(w, n, r0, r1, x, m, x_stride, y, y_stride);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t r = r0; r < r1; ++r) y[i * y_stride + r] *= w_scale[r];
 }
 
 const KernelTable kAvx2Kernels = {"avx2", quantize_rows_avx2, ternary_rows_avx2, dense_rows_avx2, attend_avx2,
