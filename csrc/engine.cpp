@@ -243,9 +243,8 @@ int64_t Model::logits_rows(const Batch& batch, bool all_logits) const {
   return all_logits ? batch.offsets.back() : static_cast<int64_t>(batch.seq_ids.size());
 }
 
-void Model::check_batch(const KVCache& cache, const Batch& b) const {
-  if (cache.n_layers_ != cfg_.num_layers || cache.n_kv_ != cfg_.num_kv_heads || cache.head_dim_ != cfg_.head_dim)
-    fail("KV cache was made for another model config");
+void check_batch_against(const Batch& b, int64_t n_seqs, int64_t max_len, const std::vector<int64_t>& lengths,
+                         int64_t vocab_size) {
   const size_t n = b.seq_ids.size();
   if (n == 0) fail("empty batch: expected at least one sequence");
   if (b.offsets.size() != n + 1 || b.offsets[0] != 0)
@@ -253,22 +252,28 @@ void Model::check_batch(const KVCache& cache, const Batch& b) const {
   std::set<int64_t> seen;
   for (size_t i = 0; i < n; ++i) {
     const int64_t s = b.seq_ids[i];
-    if (s < 0 || s >= cache.n_seqs_)
-      fail("sequence slot " + std::to_string(s) + " out of range 0 .. " + std::to_string(cache.n_seqs_ - 1));
+    if (s < 0 || s >= n_seqs)
+      fail("sequence slot " + std::to_string(s) + " out of range 0 .. " + std::to_string(n_seqs - 1));
     if (!seen.insert(s).second) fail("sequence slot " + std::to_string(s) + " appears twice in one batch");
     const int64_t count = b.offsets[i + 1] - b.offsets[i];
     if (count < 1) fail("sequence slot " + std::to_string(s) + " has no new tokens");
-    const int64_t have = cache.lengths_[static_cast<size_t>(s)];
-    if (have + count > cache.max_len_)
+    const int64_t have = lengths[static_cast<size_t>(s)];
+    if (have + count > max_len)
       fail("sequence slot " + std::to_string(s) + " holds " + std::to_string(have) + " tokens; adding " +
-           std::to_string(count) + " exceeds the context of " + std::to_string(cache.max_len_) + " positions");
+           std::to_string(count) + " exceeds the context of " + std::to_string(max_len) + " positions");
   }
   const int64_t total = b.offsets.back();
   if (total > 0 && b.tokens == nullptr) fail("batch has no token data");
   for (int64_t i = 0; i < total; ++i)
-    if (b.tokens[i] < 0 || b.tokens[i] >= cfg_.vocab_size)
+    if (b.tokens[i] < 0 || b.tokens[i] >= vocab_size)
       fail("token id " + std::to_string(b.tokens[i]) + " at index " + std::to_string(i) + " outside the vocabulary 0 .. " +
-           std::to_string(cfg_.vocab_size - 1));
+           std::to_string(vocab_size - 1));
+}
+
+void Model::check_batch(const KVCache& cache, const Batch& b) const {
+  if (cache.n_layers_ != cfg_.num_layers || cache.n_kv_ != cfg_.num_kv_heads || cache.head_dim_ != cfg_.head_dim)
+    fail("KV cache was made for another model config");
+  check_batch_against(b, cache.n_seqs_, cache.max_len_, cache.lengths_, cfg_.vocab_size);
 }
 
 void Model::run_linears(std::vector<MatJob>& jobs, int64_t m) const {

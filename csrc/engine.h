@@ -102,6 +102,12 @@ struct Batch {
   const int32_t* tokens = nullptr;
 };
 
+// The checks every engine (CPU, CUDA) makes on a batch against its cache: slots in range and
+// distinct, at least one token each, room in the context, token ids inside the vocabulary.
+// lengths[s]: tokens slot s already holds. Throws std::invalid_argument naming the problem.
+void check_batch_against(const Batch& b, int64_t n_seqs, int64_t max_len, const std::vector<int64_t>& lengths,
+                         int64_t vocab_size);
+
 class Model {
  public:
   Model(const ModelConfig& cfg, const TensorMap& tensors, const std::string& isa);

@@ -8,7 +8,6 @@
 #include <cmath>
 #include <mutex>
 #include <random>
-#include <set>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -485,27 +484,7 @@ void DeviceModel::check_batch(const DeviceKVCache& cache, const Batch& b) const 
   if (kv.n_layers != c.num_layers || kv.n_kv != c.num_kv_heads || kv.head_dim != c.head_dim)
     fail("KV cache was made for another model config");
   if (kv.device != impl_->device) fail("KV cache lives on another CUDA device");
-  const size_t n = b.seq_ids.size();
-  if (n == 0) fail("empty batch: expected at least one sequence");
-  if (b.offsets.size() != n + 1 || b.offsets[0] != 0) fail("batch offsets must have len(seq_ids) + 1 entries starting at 0");
-  std::set<int64_t> seen;
-  for (size_t i = 0; i < n; ++i) {
-    const int64_t s = b.seq_ids[i];
-    if (s < 0 || s >= kv.n_seqs) fail("sequence slot " + std::to_string(s) + " out of range 0 .. " + std::to_string(kv.n_seqs - 1));
-    if (!seen.insert(s).second) fail("sequence slot " + std::to_string(s) + " appears twice in one batch");
-    const int64_t count = b.offsets[i + 1] - b.offsets[i];
-    if (count < 1) fail("sequence slot " + std::to_string(s) + " has no new tokens");
-    const int64_t have = kv.lengths[static_cast<size_t>(s)];
-    if (have + count > kv.max_len)
-      fail("sequence slot " + std::to_string(s) + " holds " + std::to_string(have) + " tokens; adding " +
-           std::to_string(count) + " exceeds the context of " + std::to_string(kv.max_len) + " positions");
-  }
-  const int64_t total = b.offsets.back();
-  if (total > 0 && b.tokens == nullptr) fail("batch has no token data");
-  for (int64_t i = 0; i < total; ++i)
-    if (b.tokens[i] < 0 || b.tokens[i] >= c.vocab_size)
-      fail("token id " + std::to_string(b.tokens[i]) + " at index " + std::to_string(i) + " outside the vocabulary 0 .. " +
-           std::to_string(c.vocab_size - 1));
+  check_batch_against(b, kv.n_seqs, kv.max_len, kv.lengths, c.vocab_size);
 }
 
 void DeviceModel::forward(DeviceKVCache& cache, const Batch& b, bool all_logits, float* logits) const {
