@@ -40,7 +40,11 @@ ARMS = {
     "qat_kd": {"recipe": "smollm2_135m_1p58", "extra": ["distill=kd"]},
     "full_recipe": {"recipe": "smollm2_135m_1p58_distill", "extra": []},
     "fp_finetune": {"recipe": "smollm2_135m_1p58", "extra": ["quant=none"]},
+    # not in the default set: plain QAT without the recipe's lambda warm-up (20 steps), which takes a
+    # whole short run to reach full ternary
+    "plain_qat_no_warmup": {"recipe": "smollm2_135m_1p58", "extra": ["quant.lambda_warmup_steps=0"]},
 }
+DEFAULT_ARMS = ["plain_qat", "qat_kd", "full_recipe", "fp_finetune"]
 STAGE1_FRACTION = 0.4  # full recipe: continued pretraining share of the steps (as in the recipe)
 
 
@@ -50,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=("tokens", "time"), default="tokens")
     p.add_argument("--steps", type=int, default=None, help="skip the probes: this many steps per arm (tokens mode)")
     p.add_argument("--probe-steps", type=int, default=4)
-    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help="comma-separated, from " + ",".join(ARMS))
     p.add_argument("--batch-size", type=int, default=8,
                    help="blocks per step for every arm (the recipes differ: 4 and 8), so equal steps are equal tokens")
     p.add_argument("--val-batches", type=int, default=4, help="validation batches (of --batch-size blocks)")
