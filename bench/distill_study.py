@@ -45,7 +45,7 @@ ARMS = {
     "plain_qat_no_warmup": {"recipe": "smollm2_135m_1p58", "extra": ["quant.lambda_warmup_steps=0"]},
 }
 DEFAULT_ARMS = ["plain_qat", "qat_kd", "full_recipe", "fp_finetune"]
-STAGE1_FRACTION = 0.4  # full recipe: continued pretraining share of the steps (as in the recipe)
+STAGE1_FRACTION = 0.4  # full recipe: continued pretraining share of the steps (as in the recipe); --stage1-fraction
 
 
 def parse_args(argv=None):
@@ -63,13 +63,19 @@ def parse_args(argv=None):
     p.add_argument("--gpu", action="store_true", help="trainer=gpu precision bf16-mixed")
     p.add_argument("--tiny", action="store_true", help="tiny teacher and model, a few steps: checks the pipeline")
     p.add_argument("--out", type=Path, default=None, help="output directory (default runs/distill_study/<stamp>)")
+    p.add_argument("--stage1-fraction", type=float, default=STAGE1_FRACTION,
+                   help="full recipe: the continued-pretraining share of its steps (the rest is distillation)")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides for every arm")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0.0 < args.stage1_fraction < 1.0:
+        p.error(f"--stage1-fraction must be in (0, 1), got {args.stage1_fraction}")
+    return args
 
 
 # -- running arms ----------------------------------------------------------------------------------
 
-def run_arm(arm: str, steps: int, run_dir: Path, common: list[str], val_every: int) -> dict:
+def run_arm(arm: str, steps: int, run_dir: Path, common: list[str], val_every: int,
+            stage1_fraction: float = STAGE1_FRACTION) -> dict:
     from bitnet_train.config import compose_config
     from bitnet_train.train import run
 
@@ -77,7 +83,7 @@ def run_arm(arm: str, steps: int, run_dir: Path, common: list[str], val_every: i
     overrides = [f"recipe={spec['recipe']}", *spec["extra"], f"run_dir={run_dir}", *common,
                  f"trainer.val_check_interval={max(1, val_every)}"]
     if arm == "full_recipe":
-        s1 = max(1, round(steps * STAGE1_FRACTION))
+        s1 = max(1, round(steps * stage1_fraction))
         s2 = max(1, steps - s1)
         overrides.append(
             f"stages=[{{stage: continued_pretraining, trainer: {{max_steps: {s1}, val_check_interval: {max(1, min(val_every, s1))}}},"
@@ -242,14 +248,15 @@ def main(argv=None) -> int:
     results = []
     for a in arms:
         print(f"\n##### {a}: {steps[a]} steps")
-        r = run_arm(a, steps[a], out / a, common, val_every=max(1, steps[a] // max(1, args.val_points)))
+        r = run_arm(a, steps[a], out / a, common, val_every=max(1, steps[a] // max(1, args.val_points)),
+                    stage1_fraction=args.stage1_fraction)
         r["probe_seconds_per_step"] = probes.get(a)
         results.append(r)
         (out / "distill_study.partial.json").write_text(json.dumps(results, indent=1))
 
     device = "GPU" if args.gpu else f"CPU, {threads} thread(s)"
     meta = {"mode": args.mode, "tiny": args.tiny, "budget_minutes": args.budget_minutes, "device": device,
-            "fixed_steps": args.steps,
+            "fixed_steps": args.steps, "stage1_fraction": args.stage1_fraction,
             "val_batches": args.val_batches, "command": " ".join(["python", "bench/distill_study.py", *(argv or sys.argv[1:])])}
     write_report(results, out, meta)
     return 0
