@@ -206,8 +206,13 @@ def cmd_eval(args) -> None:
         path = Path(args.text)
         if not path.is_file():
             raise CLIError(f"text file {path} does not exist")
+    eng = _load_engine(args)  # a bad model file is reported before anything is read
+    if args.text is not None:
         source = {"file": str(path)}
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise CLIError(f"text file {path} is not UTF-8 text ({error.reason} at byte {error.start})") from error
     else:
         try:
             text = dataset_text(args.dataset, config=args.dataset_config, split=args.split, column=args.text_column,
@@ -216,7 +221,6 @@ def cmd_eval(args) -> None:
             raise CLIError(str(error)) from error
         source = {"dataset": args.dataset, "dataset_config": args.dataset_config, "split": args.split,
                   "text_column": args.text_column}
-    eng = _load_engine(args)
     tok = Tokenizer.from_model_file(eng)
     ids = tok.encode(text)
     if args.max_tokens is not None:

@@ -218,6 +218,7 @@ def test_bad_model_files(files, tmp_path, capsys):
 def test_other_refusals(files, tmp_path, capsys):
     assert_one_line_error(capsys, ["chat", files["no_template"]], "no chat template")
     assert_one_line_error(capsys, ["eval", files["model"], tmp_path / "absent.txt"], "does not exist")
+    assert_one_line_error(capsys, ["eval", files["model"], files["model"]], "is not UTF-8 text")
     assert_one_line_error(capsys, ["bench"], "bench needs MODEL or --shape")
     assert_one_line_error(capsys, ["bench", "--shape", "nope"], "unknown --shape 'nope'")
     assert_one_line_error(capsys, ["generate", files["model"]], "generate needs --prompt")
