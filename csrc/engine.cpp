@@ -226,13 +226,27 @@ void Model::use_int8_lm_head() {
   lm_head_q8_scale_ = std::move(scale);
 }
 
+Linear Model::lm_head_linear() const {
+  Linear head;
+  head.name = "lm_head";
+  head.in = cfg_.hidden_size;
+  head.out = cfg_.vocab_size;
+  head.dense = lm_head_;
+  head.dense_dtype = lm_head_dtype_;
+  if (int8_lm_head()) {
+    head.q8 = lm_head_q8_.data();
+    head.q8_scale = lm_head_q8_scale_.data();
+  }
+  return head;
+}
+
 int64_t Model::weight_bytes_per_token() const {
   auto lin_bytes = [](const Linear& l) {
-    return l.ternary ? l.out * l.n_blocks * kI2BlockBytes + 4 : l.out * l.in * dtype_size(l.dense_dtype);
+    if (l.ternary) return l.out * l.n_blocks * kI2BlockBytes + 4;
+    if (l.q8) return l.out * (l.in + 4);
+    return l.out * l.in * dtype_size(l.dense_dtype);
   };
-  const int64_t head_bytes = int8_lm_head() ? cfg_.vocab_size * (cfg_.hidden_size + 4)
-                                            : cfg_.vocab_size * cfg_.hidden_size * dtype_size(lm_head_dtype_);
-  int64_t total = head_bytes + cfg_.hidden_size * dtype_size(embed_dtype_);
+  int64_t total = lin_bytes(lm_head_linear()) + cfg_.hidden_size * dtype_size(embed_dtype_);
   for (const Layer& L : layers_)
     for (const Linear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) total += lin_bytes(*l);
   return total;
@@ -292,6 +306,8 @@ void Model::run_linears(std::vector<MatJob>& jobs, int64_t m) const {
     const Linear& l = *t.job->lin;
     if (l.ternary)
       kt.ternary_rows(l.qweight, l.n_blocks, t.r0, t.r1, *t.job->xq, l.s_w, t.job->y, l.out);
+    else if (l.q8)
+      kt.int8_rows(l.q8, l.q8_scale, l.in, t.r0, t.r1, t.job->x, m, l.in, t.job->y, l.out);
     else
       kt.dense_rows(l.dense, l.dense_dtype, l.in, t.r0, t.r1, t.job->x, m, l.in, t.job->y, l.out);
   });
@@ -422,21 +438,7 @@ void Model::forward(KVCache& cache, const Batch& b, bool all_logits, float* logi
     const int64_t t = all_logits ? r : b.offsets[static_cast<size_t>(r) + 1] - 1;
     rmsnorm_rows(x.data() + t * d, hn.data() + r * d, 1, d, final_norm_.data(), cfg_.rms_norm_eps);
   }
-  if (int8_lm_head()) {
-    constexpr int64_t chunk = 64;
-    parallel_for((cfg_.vocab_size + chunk - 1) / chunk, threads_, [&](int64_t c) {
-      const int64_t r0 = c * chunk, r1 = std::min(cfg_.vocab_size, r0 + chunk);
-      kernels_->int8_rows(lm_head_q8_.data(), lm_head_q8_scale_.data(), d, r0, r1, hn.data(), R, d, logits,
-                          cfg_.vocab_size);
-    });
-    return;
-  }
-  Linear head;
-  head.name = "lm_head";
-  head.in = d;
-  head.out = cfg_.vocab_size;
-  head.dense = lm_head_;
-  head.dense_dtype = lm_head_dtype_;
+  const Linear head = lm_head_linear();
   std::vector<MatJob> jobs{{&head, nullptr, hn.data(), logits}};
   run_linears(jobs, R);
 }

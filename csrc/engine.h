@@ -60,6 +60,9 @@ struct Linear {
   // hybrid precision: dense (out, in)
   const void* dense = nullptr;
   DType dense_dtype = DType::F32;
+  // per-row int8 (out, in) with out scales, used instead of `dense` when set (the int8 lm_head)
+  const int8_t* q8 = nullptr;
+  const float* q8_scale = nullptr;
   std::vector<float> norm;  // in-layer RMSNorm weight (norm == "bitlinear"), else empty
 };
 
@@ -140,6 +143,7 @@ class Model {
     float* y;             // (m, y_stride)
   };
   void run_linears(std::vector<MatJob>& jobs, int64_t m) const;
+  Linear lm_head_linear() const;  // the lm_head as a Linear (int8 once use_int8_lm_head() ran)
   // y = lin(x) for several linears sharing the input x (m, in); handles in-layer norms.
   void linears(const std::vector<const Linear*>& lins, const float* x, int64_t m,
                const std::vector<float*>& ys) const;

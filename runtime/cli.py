@@ -195,10 +195,8 @@ def add_eval_args(p):
 
 def cmd_eval(args) -> None:
     """Perplexity of the model over a text file or a dataset split (strided windows of its context)."""
-    from .evaluate import perplexity
+    from .evaluate import DatasetError, dataset_text, perplexity
     from .tokenizer import Tokenizer
-
-    from .evaluate import DatasetError, dataset_text
 
     if (args.text is None) == (args.dataset is None):
         raise CLIError("eval needs TEXT_FILE or --dataset NAME (one of them)")
