@@ -117,6 +117,17 @@ PYBIND11_MODULE(_C, m) {
         "The ISA a request resolves to ('' or 'auto': BITNET_ISA, else the best).");
 
   m.def(
+      "fp16_bits",
+      [](F32Array x) {
+        py::array_t<uint16_t> out(x.request().shape);
+        const float* src = x.data();
+        uint16_t* dst = out.mutable_data();
+        for (py::ssize_t i = 0; i < x.size(); ++i) dst[i] = fp32_to_fp16(src[i]);
+        return out;
+      },
+      py::arg("x"), "fp32 -> fp16 bit patterns as the f16 KV cache stores them (round to nearest even).");
+
+  m.def(
       "quantize_rows",
       [](F32Array x, float eps, const std::string& isa) {
         if (x.ndim() != 2) throw std::invalid_argument("x must be 2-D (rows, n)");
@@ -217,6 +228,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("n_seqs", &KVCache::n_seqs)
       .def_property_readonly("max_len", &KVCache::max_len)
       .def_property_readonly("nbytes", &KVCache::bytes)
+      .def_property_readonly("dtype", [](const KVCache& c) { return std::string(kv_type_name(c.type())); })
       .def("length", &KVCache::length, py::arg("seq"))
       .def("reset", &KVCache::reset, py::arg("seq") = -1, "Forget a sequence's tokens (seq < 0: all).");
 
@@ -245,11 +257,12 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("int8_lm_head", [](const PyModel& p) { return p.model->int8_lm_head(); })
       .def(
           "new_cache",
-          [](const PyModel& p, int64_t n_seqs, int64_t max_len) {
+          [](const PyModel& p, int64_t n_seqs, int64_t max_len, const std::string& dtype) {
             const ModelConfig& c = p.model->config();
-            return std::make_unique<KVCache>(c, n_seqs, max_len <= 0 ? c.max_seq_len : max_len);
+            return std::make_unique<KVCache>(c, n_seqs, max_len <= 0 ? c.max_seq_len : max_len, parse_kv_type(dtype));
           },
-          py::arg("n_seqs") = 1, py::arg("max_len") = 0)
+          py::arg("n_seqs") = 1, py::arg("max_len") = 0, py::arg("dtype") = "f32",
+          "dtype: \"f32\" (what training computes) or \"f16\" (half the cache bytes, rounded to nearest even).")
       .def(
           "forward",
           [](const PyModel& p, KVCache& cache, const std::vector<int64_t>& seq_ids,

@@ -125,15 +125,29 @@ void ModelConfig::validate() const {
   if (!(act_eps > 0.0f) || !std::isfinite(act_eps)) fail("quant eps must be a finite positive number");
 }
 
-KVCache::KVCache(const ModelConfig& cfg, int64_t n_seqs, int64_t max_len)
-    : n_layers_(cfg.num_layers), n_seqs_(n_seqs), n_kv_(cfg.num_kv_heads), head_dim_(cfg.head_dim), max_len_(max_len) {
+KVType parse_kv_type(const std::string& name) {
+  if (name == "f32") return KVType::F32;
+  if (name == "f16") return KVType::F16;
+  throw std::invalid_argument("unknown KV cache dtype '" + name + "'; expected f32 or f16");
+}
+
+const char* kv_type_name(KVType t) { return t == KVType::F16 ? "f16" : "f32"; }
+
+KVCache::KVCache(const ModelConfig& cfg, int64_t n_seqs, int64_t max_len, KVType type)
+    : n_layers_(cfg.num_layers), n_seqs_(n_seqs), n_kv_(cfg.num_kv_heads), head_dim_(cfg.head_dim), max_len_(max_len),
+      type_(type) {
   if (n_seqs < 1 || n_seqs > 65536) fail("KV cache n_seqs = " + std::to_string(n_seqs) + "; expected 1 .. 65536");
   if (max_len < 1 || max_len > cfg.max_seq_len)
     fail("KV cache max_len = " + std::to_string(max_len) + "; expected 1 .. max_seq_len " +
          std::to_string(cfg.max_seq_len));
   const size_t n = static_cast<size_t>(n_layers_ * n_seqs_ * n_kv_ * max_len_ * head_dim_);
-  k_.assign(n, 0.0f);
-  v_.assign(n, 0.0f);
+  if (type_ == KVType::F16) {
+    k16_.assign(n, 0);
+    v16_.assign(n, 0);
+  } else {
+    k_.assign(n, 0.0f);
+    v_.assign(n, 0.0f);
+  }
   lengths_.assign(static_cast<size_t>(n_seqs), 0);
 }
 
@@ -390,20 +404,36 @@ void Model::forward(KVCache& cache, const Batch& b, bool all_logits, float* logi
     linears({&L.q, &L.k, &L.v}, h.data(), N, {q.data(), k.data(), v.data()});
     rope(q.data(), nh);
     rope(k.data(), nkv);
+    const bool kv16 = cache.type() == KVType::F16;
     for (int64_t t = 0; t < N; ++t)
       for (int64_t kh = 0; kh < nkv; ++kh) {
-        std::copy_n(k.data() + (t * nkv + kh) * hd, hd, cache.k(l, tok_seq[t], kh) + tok_pos[t] * hd);
-        std::copy_n(v.data() + (t * nkv + kh) * hd, hd, cache.v(l, tok_seq[t], kh) + tok_pos[t] * hd);
+        const float* kr = k.data() + (t * nkv + kh) * hd;
+        const float* vr = v.data() + (t * nkv + kh) * hd;
+        if (kv16) {
+          uint16_t* kd = cache.k16(l, tok_seq[t], kh) + tok_pos[t] * hd;
+          uint16_t* vd = cache.v16(l, tok_seq[t], kh) + tok_pos[t] * hd;
+          for (int64_t i = 0; i < hd; ++i) {
+            kd[i] = fp32_to_fp16(kr[i]);
+            vd[i] = fp32_to_fp16(vr[i]);
+          }
+        } else {
+          std::copy_n(kr, hd, cache.k(l, tok_seq[t], kh) + tok_pos[t] * hd);
+          std::copy_n(vr, hd, cache.v(l, tok_seq[t], kh) + tok_pos[t] * hd);
+        }
       }
     parallel_for(N * nh, threads_, [&](int64_t task) {
       const int64_t t = task / nh, hh = task % nh, kh = hh / group, pos = tok_pos[t];
       const float* qv = q.data() + (t * nh + hh) * hd;
-      const float* K = cache.k(l, tok_seq[t], kh);
-      const float* Vc = cache.v(l, tok_seq[t], kh);
       thread_local std::vector<float> scores;
       scores.resize(static_cast<size_t>(pos + 1));
+      float* out = att.data() + (t * nh + hh) * hd;
       // causal: positions 0 .. pos of this sequence
-      kernels_->attend(qv, K, Vc, pos + 1, hd, attn_scale, scores.data(), att.data() + (t * nh + hh) * hd);
+      if (kv16)
+        kernels_->attend_f16(qv, cache.k16(l, tok_seq[t], kh), cache.v16(l, tok_seq[t], kh), pos + 1, hd, attn_scale,
+                             scores.data(), out);
+      else
+        kernels_->attend(qv, cache.k(l, tok_seq[t], kh), cache.v(l, tok_seq[t], kh), pos + 1, hd, attn_scale,
+                         scores.data(), out);
     });
     if (cfg_.norm == NormKind::SubLN) rmsnorm_rows(att.data(), att.data(), N, qd, L.attn_sub_norm.data(), cfg_.rms_norm_eps);
     linears({&L.o}, att.data(), N, {o.data()});

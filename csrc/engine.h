@@ -74,27 +74,40 @@ struct Layer {
 };
 
 // Per-sequence key/value cache: n_seqs independent sequences of up to max_len positions.
-// Layout per layer: (seq, kv_head, pos, head_dim) fp32, keys after RoPE.
+// Layout per layer: (seq, kv_head, pos, head_dim), keys after RoPE; fp32, or fp16 (KVType::F16:
+// half the bytes a decode step reads, rounded to nearest even by fp32_to_fp16; the attention
+// arithmetic stays fp32).
+enum class KVType { F32, F16 };
+KVType parse_kv_type(const std::string& name);  // "f32" | "f16"; throws std::invalid_argument
+const char* kv_type_name(KVType t);
+
 class KVCache {
  public:
-  KVCache(const ModelConfig& cfg, int64_t n_seqs, int64_t max_len);
+  KVCache(const ModelConfig& cfg, int64_t n_seqs, int64_t max_len, KVType type = KVType::F32);
   int64_t n_seqs() const { return n_seqs_; }
   int64_t max_len() const { return max_len_; }
+  KVType type() const { return type_; }
   int64_t length(int64_t seq) const;
   void reset(int64_t seq);  // seq < 0: all
-  float* k(int64_t layer, int64_t seq, int64_t kv_head) {
-    return k_.data() + ((layer * n_seqs_ + seq) * n_kv_ + kv_head) * max_len_ * head_dim_;
+  // Element offset of (layer, seq, kv_head)'s rows in the K or V storage.
+  int64_t offset(int64_t layer, int64_t seq, int64_t kv_head) const {
+    return ((layer * n_seqs_ + seq) * n_kv_ + kv_head) * max_len_ * head_dim_;
   }
-  float* v(int64_t layer, int64_t seq, int64_t kv_head) {
-    return v_.data() + ((layer * n_seqs_ + seq) * n_kv_ + kv_head) * max_len_ * head_dim_;
+  float* k(int64_t layer, int64_t seq, int64_t kv_head) { return k_.data() + offset(layer, seq, kv_head); }
+  float* v(int64_t layer, int64_t seq, int64_t kv_head) { return v_.data() + offset(layer, seq, kv_head); }
+  uint16_t* k16(int64_t layer, int64_t seq, int64_t kv_head) { return k16_.data() + offset(layer, seq, kv_head); }
+  uint16_t* v16(int64_t layer, int64_t seq, int64_t kv_head) { return v16_.data() + offset(layer, seq, kv_head); }
+  int64_t bytes() const {
+    return static_cast<int64_t>((k_.size() + v_.size()) * sizeof(float) + (k16_.size() + v16_.size()) * sizeof(uint16_t));
   }
-  int64_t bytes() const { return static_cast<int64_t>((k_.size() + v_.size()) * sizeof(float)); }
 
  private:
   friend class Model;
   int64_t n_layers_, n_seqs_, n_kv_, head_dim_, max_len_;
+  KVType type_;
   std::vector<int64_t> lengths_;
-  std::vector<float> k_, v_;
+  std::vector<float> k_, v_;         // KVType::F32
+  std::vector<uint16_t> k16_, v16_;  // KVType::F16
   std::mutex busy_;  // one forward at a time per cache
 };
 

@@ -107,9 +107,10 @@ def read_bandwidth(threads: int, isa: str = "", mib: int = 512) -> float:
 
 
 def kv_bytes_per_token(engine, context: float) -> float:
-    """Bytes of K and V (fp32) a decode step reads at a given context length."""
+    """Bytes of K and V (fp32, or fp16 with kv_cache="f16") a decode step reads at a given context length."""
     c = engine._model.config
-    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4 * context
+    elem = 2 if engine.kv_cache == "f16" else 4
+    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * elem * context
 
 
 def measure_speed(engine, prefill: int = 128, decode: int = 64, bandwidth: bool = True, seed: int = 1) -> dict:
@@ -137,6 +138,7 @@ def measure_speed(engine, prefill: int = 128, decode: int = 64, bandwidth: bool 
     decode_tps = decode / decode_s
     res = {
         "isa": engine.isa(), "threads": engine.threads, "lm_head": engine.lm_head,
+        "kv_cache": engine.kv_cache,
         "prefill_tokens": prefill, "prefill_tok_s": round(prefill / prefill_s, 2),
         "decode_tokens": decode, "decode_tok_s": round(decode_tps, 2),
         "weight_bytes_per_token": engine.weight_bytes_per_token, "kv_bytes_per_token": int(kv),

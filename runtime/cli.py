@@ -44,6 +44,9 @@ def _add_engine_args(p: argparse.ArgumentParser, model_optional: bool = False) -
     p.add_argument("--lm-head", choices=("fp", "int8"), default="fp",
                    help="int8: a per-row int8 copy of the lm_head made at load (CPU; fewer bytes per token, "
                    "a small perplexity cost: bench/README.md)")
+    p.add_argument("--kv-cache", choices=("f32", "f16"), default="f32",
+                   help="f16: keep keys and values as fp16 (CPU; half the cache bytes per decoded token, "
+                   "a small perplexity cost: bench/README.md)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -73,7 +76,8 @@ def _load_engine(args):
     path = Path(args.model)
     if not path.is_file():
         raise CLIError(f"model file {path} does not exist" if not path.exists() else f"model {path} is not a file")
-    return load_engine(path, args.device, isa=args.isa, threads=args.threads, lm_head=args.lm_head)
+    return load_engine(path, args.device, isa=args.isa, threads=args.threads, lm_head=args.lm_head,
+                       kv_cache=args.kv_cache)
 
 
 def _print_json(obj) -> None:
@@ -235,7 +239,8 @@ def cmd_eval(args) -> None:
         res = perplexity(eng, ids, window=args.window, stride=args.stride,
                          progress=lambda done, total: bar.update(task, completed=done, total=total))
     if args.json:
-        _print_json({**source, **res.as_dict(), "isa": eng.isa(), "threads": eng.threads, "lm_head": eng.lm_head})
+        _print_json({**source, **res.as_dict(), "isa": eng.isa(), "threads": eng.threads, "lm_head": eng.lm_head,
+                     "kv_cache": eng.kv_cache})
     else:
         print(f"perplexity {res.ppl:.4f} over {res.tokens} tokens (nll {res.nll:.4f} nats/token, top-1 "
               f"{100 * res.top1:.2f}%); {res.windows} windows of {res.window} tokens, stride {res.stride}; "
@@ -268,7 +273,8 @@ def cmd_bench(args) -> None:
         require_device(args.device)
         cfg, tensors = random_model(args.shape, max(args.prefill + args.decode, 8), tie=args.tie)
         cls = CudaEngine if args.device == "cuda" else Engine
-        eng = cls(cfg, tensors, {"eps": 1e-5}, isa=args.isa, threads=args.threads, lm_head=args.lm_head)
+        eng = cls(cfg, tensors, {"eps": 1e-5}, isa=args.isa, threads=args.threads, lm_head=args.lm_head,
+                  kv_cache=args.kv_cache)
         what = {"shape": args.shape}
     else:
         eng = _load_engine(args)

@@ -71,13 +71,17 @@ class CudaEngine(Engine):
         isa: str | None = None,
         threads: int | None = None,
         lm_head: str = "fp",
+        kv_cache: str = "f32",
         device_index: int | None = None,
     ):
         """As Engine; isa and threads are accepted for the same call shape and ignored (the host
-        only launches kernels); lm_head must be "fp" (the int8 lm_head is a CPU option).
-        device_index: default BITNET_CUDA_DEVICE or 0."""
+        only launches kernels); lm_head must be "fp" and kv_cache "f32" (the int8 lm_head and the
+        f16 KV cache are CPU options). device_index: default BITNET_CUDA_DEVICE or 0."""
         if lm_head != "fp":
             raise DeviceError(f"lm_head={lm_head!r} is a CPU engine option; the CUDA engine runs the stored lm_head")
+        if kv_cache != "f32":
+            raise DeviceError(f"kv_cache={kv_cache!r} is a CPU engine option; the CUDA engine keeps an fp32 KV cache")
+        self.kv_cache = "f32"
         index = int(os.environ.get("BITNET_CUDA_DEVICE", 0)) if device_index is None else int(device_index)
         require_device("cuda", index)
         entries = self._adopt(config, tensors, quant)
@@ -85,6 +89,12 @@ class CudaEngine(Engine):
 
     def isa(self) -> str:
         return "cuda"
+
+    def new_cache(self, n_seqs: int = 1, max_len: int | None = None, dtype: str | None = None):
+        """A device KV cache (fp32 only)."""
+        if dtype not in (None, "f32"):
+            raise DeviceError(f"KV cache dtype {dtype!r} is a CPU engine option; the CUDA engine keeps an fp32 KV cache")
+        return self._model.new_cache(int(n_seqs), int(max_len or 0))
 
     @property
     def device_name(self) -> str:
@@ -102,8 +112,9 @@ class CudaEngine(Engine):
 
 
 def load_engine(path, device: str = "cpu", *, isa: str | None = None, threads: int | None = None,
-                verify_checksums: bool = True, lm_head: str = "fp") -> Engine:
+                verify_checksums: bool = True, lm_head: str = "fp", kv_cache: str = "f32") -> Engine:
     """Engine.load on the requested device ("cpu" or "cuda"); DeviceError when it is not usable."""
     require_device(device)
     cls = CudaEngine if device == "cuda" else Engine
-    return cls.load(path, isa=isa, threads=threads, verify_checksums=verify_checksums, lm_head=lm_head)
+    return cls.load(path, isa=isa, threads=threads, verify_checksums=verify_checksums, lm_head=lm_head,
+                    kv_cache=kv_cache)

@@ -77,6 +77,13 @@ def _engine_config(config: Mapping, quant: Mapping | None) -> _C.ModelConfig:
 
 
 LM_HEAD_CHOICES = ("fp", "int8")
+KV_CACHE_CHOICES = ("f32", "f16")
+
+
+def _check_kv_cache(kv_cache: str) -> str:
+    if kv_cache not in KV_CACHE_CHOICES:
+        raise ValueError(f"kv_cache must be one of {KV_CACHE_CHOICES}, got {kv_cache!r}")
+    return kv_cache
 
 
 class Engine:
@@ -91,14 +98,18 @@ class Engine:
         isa: str | None = None,
         threads: int | None = None,
         lm_head: str = "fp",
+        kv_cache: str = "f32",
     ):
         """config: the model config dict (bitnet_train.model.ModelConfig fields); tensors: stored names
         (FORMAT.md section 2) -> arrays, ternary linears as i2_b128 `NAME.qweight` (uint8) + `NAME.scale`;
         quant: the file's quant dict (eps, packing). isa: None/"auto" (BITNET_ISA or the best), "scalar",
         "avx2", "avx512". lm_head: "fp" (as stored) or "int8" (per-row int8 made at load: half the
-        bytes of fp16 per decoded token, at the perplexity cost measured in bench/README.md)."""
+        bytes of fp16 per decoded token, at the perplexity cost measured in bench/README.md).
+        kv_cache: the dtype of the caches new_cache makes by default: "f32" (what training computes)
+        or "f16" (half the cache bytes a decode step reads; cost in bench/README.md)."""
         if lm_head not in LM_HEAD_CHOICES:
             raise ValueError(f"lm_head must be one of {LM_HEAD_CHOICES}, got {lm_head!r}")
+        self.kv_cache = _check_kv_cache(kv_cache)
         entries = self._adopt(config, tensors, quant)
         self._model = _C.Model(_engine_config(self.config, self.quant), entries, isa or "")
         self.threads = threads if threads is not None else int(os.environ.get("BITNET_THREADS", 0)) or _C.default_threads()
@@ -129,7 +140,7 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, isa: str | None = None, threads: int | None = None,
-             verify_checksums: bool = True, lm_head: str = "fp") -> "Engine":
+             verify_checksums: bool = True, lm_head: str = "fp", kv_cache: str = "f32") -> "Engine":
         """Open and validate a .bitnet file (bitnet_train.export.reader) and serve it."""
         from bitnet_train.export import packing as packing_mod  # numpy only
         from bitnet_train.export.reader import open_model
@@ -145,7 +156,7 @@ class Engine:
             for name in f.ternary_layers():
                 tensors[f"{name}.qweight"] = packing_mod.pack_i2_b128(f.codes(name))
             quant["packing"] = "i2_b128"
-        eng = cls(f.config, tensors, quant, isa=isa, threads=threads, lm_head=lm_head)
+        eng = cls(f.config, tensors, quant, isa=isa, threads=threads, lm_head=lm_head, kv_cache=kv_cache)
         eng.tokenizer_json = f.tokenizer_json
         eng.tokenizer_config = f.tokenizer_config
         eng.path = Path(path)
@@ -185,9 +196,10 @@ class Engine:
 
     # ---- compute ------------------------------------------------------------------------------
 
-    def new_cache(self, n_seqs: int = 1, max_len: int | None = None) -> KVCache:
-        """A KV cache of n_seqs independent sequences of up to max_len (default max_seq_len) tokens."""
-        return self._model.new_cache(int(n_seqs), int(max_len or 0))
+    def new_cache(self, n_seqs: int = 1, max_len: int | None = None, dtype: str | None = None) -> KVCache:
+        """A KV cache of n_seqs independent sequences of up to max_len (default max_seq_len) tokens;
+        dtype "f32" or "f16" (default: the engine's kv_cache)."""
+        return self._model.new_cache(int(n_seqs), int(max_len or 0), _check_kv_cache(dtype or self.kv_cache))
 
     def forward(
         self,

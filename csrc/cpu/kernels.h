@@ -68,6 +68,9 @@ struct KernelTable {
   //   p[j] = exp(scale * q.K[j] - max), out = sum_j p[j] V[j] / sum_j p[j].   p: len floats of scratch.
   void (*attend)(const float* q, const float* K, const float* V, int64_t len, int64_t hd, float scale, float* p,
                  float* out);
+  // The same with K and V stored as fp16 bits (the f16 KV cache); fp32 arithmetic.
+  void (*attend_f16)(const float* q, const uint16_t* K, const uint16_t* V, int64_t len, int64_t hd, float scale,
+                     float* p, float* out);
   // w: (rows, n) int8 with a per-row scale (the int8 lm_head). For r in [r0, r1), i < m:
   //   y[i*y_stride + r] = w_scale[r] * sum_k w[r,k] * x[i*x_stride + k]      (fp32 accumulation)
   void (*int8_rows)(const int8_t* w, const float* w_scale, int64_t n, int64_t r0, int64_t r1, const float* x,
@@ -76,13 +79,14 @@ struct KernelTable {
 
 // The attention and int8 kernels by name (the AVX-512 table uses the AVX2 ones: they are a small
 // part of the work, and every AVX-512 CPU has AVX2).
-void attend_scalar(const float* q, const float* K, const float* V, int64_t len, int64_t hd, float scale, float* p,
-                   float* out);
+// T = float (fp32 cache) or uint16_t (fp16 bits); instantiated for both.
+template <class T>
+void attend_scalar(const float* q, const T* K, const T* V, int64_t len, int64_t hd, float scale, float* p, float* out);
 void int8_rows_scalar(const int8_t* w, const float* w_scale, int64_t n, int64_t r0, int64_t r1, const float* x,
                       int64_t m, int64_t x_stride, float* y, int64_t y_stride);
 #ifdef BITNET_HAVE_AVX2
-void attend_avx2(const float* q, const float* K, const float* V, int64_t len, int64_t hd, float scale, float* p,
-                 float* out);
+template <class T>
+void attend_avx2(const float* q, const T* K, const T* V, int64_t len, int64_t hd, float scale, float* p, float* out);
 void int8_rows_avx2(const int8_t* w, const float* w_scale, int64_t n, int64_t r0, int64_t r1, const float* x,
                     int64_t m, int64_t x_stride, float* y, int64_t y_stride);
 #endif
@@ -115,6 +119,13 @@ int64_t find_invalid_i2_byte(const uint8_t* data, int64_t n_bytes);
 
 // fp16 / bf16 bit patterns -> fp32 (portable, used by the scalar paths and at load).
 float fp16_to_fp32(uint16_t h);
+// fp32 -> fp16 bits, round to nearest even; overflow to +-inf, NaN stays NaN (as F16C's vcvtps2ph
+// and numpy's astype(float16)). The f16 KV cache stores keys and values through this one function,
+// so every kernel path reads the same fp16 values.
+uint16_t fp32_to_fp16(float f);
+// A cached key/value element as fp32 (the attention kernels read fp32 or fp16 caches).
+inline float kv_value(float v) { return v; }
+inline float kv_value(uint16_t h) { return fp16_to_fp32(h); }
 inline float bf16_to_fp32(uint16_t b) {
   const uint32_t u = static_cast<uint32_t>(b) << 16;
   float f;

@@ -231,33 +231,38 @@ void dense_rows_avx2(const void* w, DType dt, int64_t n, int64_t r0, int64_t r1,
   }
 }
 
+inline __m256 kv_load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 kv_load8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 }  // namespace
 
-void attend_avx2(const float* q, const float* K, const float* V, int64_t len, int64_t hd, float scale, float* p,
-                 float* out) {
+// fp32 or fp16 (T = uint16_t) keys and values; the arithmetic is fp32 either way.
+template <class T>
+void attend_avx2(const float* q, const T* K, const T* V, int64_t len, int64_t hd, float scale, float* p, float* out) {
   const int64_t hd8 = hd & ~int64_t{7};
-  auto dot = [&](const float* k) {  // q . k for one position, the tail past hd8 in scalar
+  auto dot = [&](const T* k) {  // q . k for one position, the tail past hd8 in scalar
     __m256 a = _mm256_setzero_ps();
-    for (int64_t i = 0; i < hd8; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a);
+    for (int64_t i = 0; i < hd8; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), kv_load8(k + i), a);
     float s = hsum_ps(a);
-    for (int64_t i = hd8; i < hd; ++i) s += q[i] * k[i];
+    for (int64_t i = hd8; i < hd; ++i) s += q[i] * kv_value(k[i]);
     return s;
   };
   float mx = -INFINITY;
   int64_t j = 0;
   for (; j + 4 <= len; j += 4) {  // four positions at a time: independent FMA chains
-    const float* k0 = K + j * hd;
+    const T* k0 = K + j * hd;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t i = 0; i < hd8; i += 8) {
       const __m256 qv = _mm256_loadu_ps(q + i);
-      a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
-      a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + hd + i), a1);
-      a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * hd + i), a2);
-      a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * hd + i), a3);
+      a0 = _mm256_fmadd_ps(qv, kv_load8(k0 + i), a0);
+      a1 = _mm256_fmadd_ps(qv, kv_load8(k0 + hd + i), a1);
+      a2 = _mm256_fmadd_ps(qv, kv_load8(k0 + 2 * hd + i), a2);
+      a3 = _mm256_fmadd_ps(qv, kv_load8(k0 + 3 * hd + i), a3);
     }
     float s[4] = {hsum_ps(a0), hsum_ps(a1), hsum_ps(a2), hsum_ps(a3)};
     for (int t = 0; t < 4; ++t) {
-      for (int64_t i = hd8; i < hd; ++i) s[t] += q[i] * k0[t * hd + i];
+      for (int64_t i = hd8; i < hd; ++i) s[t] += q[i] * kv_value(k0[t * hd + i]);
       p[j + t] = s[t] * scale;
       mx = std::max(mx, p[j + t]);
     }
@@ -277,11 +282,11 @@ void attend_avx2(const float* q, const float* K, const float* V, int64_t len, in
     __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
     for (j = 0; j < len; ++j) {
       const __m256 pj = _mm256_set1_ps(p[j]);
-      const float* v = V + j * hd + i;
-      o0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v), o0);
-      o1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8), o1);
-      o2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 16), o2);
-      o3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 24), o3);
+      const T* v = V + j * hd + i;
+      o0 = _mm256_fmadd_ps(pj, kv_load8(v), o0);
+      o1 = _mm256_fmadd_ps(pj, kv_load8(v + 8), o1);
+      o2 = _mm256_fmadd_ps(pj, kv_load8(v + 16), o2);
+      o3 = _mm256_fmadd_ps(pj, kv_load8(v + 24), o3);
     }
     _mm256_storeu_ps(out + i, _mm256_mul_ps(o0, inv));
     _mm256_storeu_ps(out + i + 8, _mm256_mul_ps(o1, inv));
@@ -290,16 +295,20 @@ void attend_avx2(const float* q, const float* K, const float* V, int64_t len, in
   }
   for (; i + 8 <= hd; i += 8) {
     __m256 o0 = _mm256_setzero_ps();
-    for (j = 0; j < len; ++j) o0 = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(V + j * hd + i), o0);
+    for (j = 0; j < len; ++j) o0 = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), kv_load8(V + j * hd + i), o0);
     _mm256_storeu_ps(out + i, _mm256_mul_ps(o0, inv));
   }
   const float inv_s = 1.0f / denom;
   for (; i < hd; ++i) {
     float o = 0.0f;
-    for (j = 0; j < len; ++j) o += p[j] * V[j * hd + i];
+    for (j = 0; j < len; ++j) o += p[j] * kv_value(V[j * hd + i]);
     out[i] = o * inv_s;
   }
 }
+
+template void attend_avx2<float>(const float*, const float*, const float*, int64_t, int64_t, float, float*, float*);
+template void attend_avx2<uint16_t>(const float*, const uint16_t*, const uint16_t*, int64_t, int64_t, float, float*,
+                                    float*);
 
 void int8_rows_avx2(const int8_t* w, const float* w_scale, int64_t n, int64_t r0, int64_t r1, const float* x,
                     int64_t m, int64_t x_stride, float* y, int64_t y_stride) {
@@ -308,7 +317,7 @@ void int8_rows_avx2(const int8_t* w, const float* w_scale, int64_t n, int64_t r0
     for (int64_t r = r0; r < r1; ++r) y[i * y_stride + r] *= w_scale[r];
 }
 
-const KernelTable kAvx2Kernels = {"avx2", quantize_rows_avx2, ternary_rows_avx2, dense_rows_avx2, attend_avx2,
-                                  int8_rows_avx2};
+const KernelTable kAvx2Kernels = {"avx2", quantize_rows_avx2, ternary_rows_avx2, dense_rows_avx2,
+                                  attend_avx2<float>, attend_avx2<uint16_t>, int8_rows_avx2};
 
 }  // namespace bitnet

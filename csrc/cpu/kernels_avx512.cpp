@@ -180,10 +180,10 @@ void dense_rows_avx512(const void* w, DType dt, int64_t n, int64_t r0, int64_t r
 
 #ifdef BITNET_HAVE_AVX2
 const KernelTable BITNET_AVX512_TABLE = {BITNET_AVX512_NAME, quantize_rows_avx512, ternary_rows_avx512, dense_rows_avx512,
-                                         attend_avx2, int8_rows_avx2};
+                                         attend_avx2<float>, attend_avx2<uint16_t>, int8_rows_avx2};
 #else
 const KernelTable BITNET_AVX512_TABLE = {BITNET_AVX512_NAME, quantize_rows_avx512, ternary_rows_avx512, dense_rows_avx512,
-                                         attend_scalar, int8_rows_scalar};
+                                         attend_scalar<float>, attend_scalar<uint16_t>, int8_rows_scalar};
 #endif
 
 }  // namespace bitnet

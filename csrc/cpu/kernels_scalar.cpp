@@ -135,12 +135,30 @@ void dense_rows_scalar(const void* w, DType dt, int64_t n, int64_t r0, int64_t r
 
 }  // namespace
 
-void attend_scalar(const float* q, const float* K, const float* V, int64_t len, int64_t hd, float scale, float* p,
-                   float* out) {
+uint16_t fp32_to_fp16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((ax >> 13) & 0x3ffu));  // NaN, quiet
+  if (ax >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 rounds (to even) to inf
+  if (ax < 0x38800000u) {  // below 2^-14: fp16 subnormal (or zero) = round(|f| * 2^24), exact scaling
+    float a;
+    std::memcpy(&a, &ax, sizeof a);
+    return static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(a * 16777216.0f)));
+  }
+  // normal: rebias the exponent (127 -> 15) and round the 13 dropped bits to nearest even; a carry
+  // out of the mantissa moves into the exponent, which is the right result
+  const uint32_t odd = (ax >> 13) & 1u;
+  return static_cast<uint16_t>(sign | ((ax - 0x38000000u + 0xfffu + odd) >> 13));
+}
+
+template <class T>
+void attend_scalar(const float* q, const T* K, const T* V, int64_t len, int64_t hd, float scale, float* p, float* out) {
   float mx = -INFINITY;
   for (int64_t j = 0; j < len; ++j) {
     float s = 0.0f;
-    for (int64_t i = 0; i < hd; ++i) s += q[i] * K[j * hd + i];
+    for (int64_t i = 0; i < hd; ++i) s += q[i] * kv_value(K[j * hd + i]);
     p[j] = s * scale;
     mx = std::max(mx, p[j]);
   }
@@ -151,10 +169,13 @@ void attend_scalar(const float* q, const float* K, const float* V, int64_t len, 
   }
   std::fill_n(out, hd, 0.0f);
   for (int64_t j = 0; j < len; ++j)
-    for (int64_t i = 0; i < hd; ++i) out[i] += p[j] * V[j * hd + i];
+    for (int64_t i = 0; i < hd; ++i) out[i] += p[j] * kv_value(V[j * hd + i]);
   const float inv = 1.0f / denom;
   for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
 }
+template void attend_scalar<float>(const float*, const float*, const float*, int64_t, int64_t, float, float*, float*);
+template void attend_scalar<uint16_t>(const float*, const uint16_t*, const uint16_t*, int64_t, int64_t, float, float*,
+                                      float*);
 
 void int8_rows_scalar(const int8_t* w, const float* w_scale, int64_t n, int64_t r0, int64_t r1, const float* x,
                       int64_t m, int64_t x_stride, float* y, int64_t y_stride) {
@@ -194,6 +215,6 @@ int64_t find_invalid_i2_byte(const uint8_t* data, int64_t n_bytes) {
 }
 
 const KernelTable kScalarKernels = {"scalar", quantize_rows_scalar, ternary_rows_scalar, dense_rows_scalar,
-                                    attend_scalar, int8_rows_scalar};
+                                    attend_scalar<float>, attend_scalar<uint16_t>, int8_rows_scalar};
 
 }  // namespace bitnet

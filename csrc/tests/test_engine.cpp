@@ -161,6 +161,73 @@ void test_attention(std::mt19937& rng) {
       }
 }
 
+// fp32 -> fp16 (the f16 KV cache): every finite fp16 value round-trips, and the rounding cases.
+void test_fp16_rounding() {
+  int bad = 0;
+  for (uint32_t h = 0; h < 0x10000u; ++h) {
+    const auto b = static_cast<uint16_t>(h);
+    if ((b & 0x7c00u) == 0x7c00u && (b & 0x3ffu)) continue;  // NaN
+    if (fp32_to_fp16(fp16_to_fp32(b)) != b) ++bad;
+  }
+  check(bad == 0, "fp16 -> fp32 -> fp16 round-trips every non-NaN pattern (" + std::to_string(bad) + " did not)");
+  struct Case {
+    float f;
+    uint16_t h;
+    const char* what;
+  } cases[] = {
+      {1.0f, 0x3c00, "1"},
+      {-2.0f, 0xc000, "-2"},
+      {-0.0f, 0x8000, "-0"},
+      {1.0f + 0x1p-11f, 0x3c00, "tie below 1 + 2^-10 rounds to even (down)"},
+      {1.0f + 3 * 0x1p-11f, 0x3c02, "tie above 1 + 2^-10 rounds to even (up)"},
+      {1.0f + 0x1p-11f + 0x1p-20f, 0x3c01, "just above a tie rounds up"},
+      {65504.0f, 0x7bff, "max"},
+      {65519.0f, 0x7bff, "below the overflow tie"},
+      {65520.0f, 0x7c00, "overflow tie rounds to inf"},
+      {1e30f, 0x7c00, "overflow"},
+      {-INFINITY, 0xfc00, "-inf"},
+      {0x1p-24f, 0x0001, "smallest subnormal"},
+      {0x1p-25f, 0x0000, "half the smallest subnormal: tie to even (0)"},
+      {3 * 0x1p-25f, 0x0002, "1.5 subnormal units: tie to even (2)"},
+      {0x1p-14f - 0x1p-25f, 0x0400, "largest subnormal tie carries into the smallest normal"},
+      {1e-30f, 0x0000, "underflow"},
+  };
+  for (const Case& c : cases)
+    check(fp32_to_fp16(c.f) == c.h, std::string("fp32_to_fp16: ") + c.what);
+  const uint16_t nan = fp32_to_fp16(NAN);
+  check((nan & 0x7c00u) == 0x7c00u && (nan & 0x3ffu), "fp32_to_fp16: NaN stays NaN");
+}
+
+// attend_f16: every table against the scalar fp16 reference, and that reference against the fp32
+// one on the same values (fp16 storage changes nothing but the stored values).
+void test_attention_f16(std::mt19937& rng) {
+  std::normal_distribution<float> normal;
+  for (int64_t hd : {1, 7, 8, 10, 64, 100})
+    for (int64_t len : {1, 4, 5, 130}) {
+      std::vector<float> q(static_cast<size_t>(hd)), Kf(static_cast<size_t>(len * hd)), Vf(Kf.size());
+      std::vector<uint16_t> K(Kf.size()), V(Kf.size());
+      for (auto& v : q) v = normal(rng);
+      for (size_t i = 0; i < K.size(); ++i) {
+        K[i] = fp32_to_fp16(normal(rng));
+        V[i] = fp32_to_fp16(normal(rng));
+        Kf[i] = fp16_to_fp32(K[i]);
+        Vf[i] = fp16_to_fp32(V[i]);
+      }
+      std::vector<float> pa(static_cast<size_t>(len)), pb(pa.size()), oa(q.size()), ob(q.size(), NAN);
+      attend_scalar(q.data(), Kf.data(), Vf.data(), len, hd, 0.3f, pa.data(), oa.data());
+      attend_scalar(q.data(), K.data(), V.data(), len, hd, 0.3f, pb.data(), ob.data());
+      check(oa == ob, "scalar f16 attention = scalar fp32 attention on the fp16 values, hd " + std::to_string(hd));
+      for (const KernelTable* kt : tables()) {
+        std::fill(ob.begin(), ob.end(), NAN);
+        kt->attend_f16(q.data(), K.data(), V.data(), len, hd, 0.3f, pb.data(), ob.data());
+        float err = 0.0f;
+        for (int64_t i = 0; i < hd; ++i) err = std::fmax(err, std::fabs(oa[i] - ob[i]));
+        check(err <= 1e-5f * (1.0f + std::sqrt(static_cast<float>(hd))),
+              std::string(kt->name) + " f16 attention hd " + std::to_string(hd) + " len " + std::to_string(len));
+      }
+    }
+}
+
 struct TinyModel {
   ModelConfig cfg;
   std::vector<std::vector<uint8_t>> bufs;
@@ -228,8 +295,8 @@ TinyModel tiny_model(std::mt19937& rng, NormKind norm, FfnKind ffn) {
   return t;
 }
 
-std::vector<float> run(const Model& model, const std::vector<int32_t>& tokens) {
-  KVCache cache(model.config(), 2, model.config().max_seq_len);
+std::vector<float> run(const Model& model, const std::vector<int32_t>& tokens, KVType kv = KVType::F32) {
+  KVCache cache(model.config(), 2, model.config().max_seq_len, kv);
   Batch b;
   b.seq_ids = {1, 0};
   b.offsets = {0, 5, static_cast<int64_t>(tokens.size())};
@@ -301,16 +368,21 @@ void test_engine(std::mt19937& rng) {
       bool finite = true;
       for (float v : base) finite = finite && std::isfinite(v);
       check(finite, "scalar forward is finite");
+      const auto base16 = run(ref, tokens, KVType::F16);
+      check(base16 != base, "the f16 KV cache changes the logits (a little)");
       for (const auto& isa : available_isas()) {
         Model m(t.cfg, t.map, isa);
-        const auto got = run(m, tokens);
-        float err = 0.0f, mag = 1e-6f;
-        for (size_t i = 0; i < got.size(); ++i) {
-          err = std::fmax(err, std::fabs(got[i] - base[i]));
-          mag = std::fmax(mag, std::fabs(base[i]));
+        for (KVType kv : {KVType::F32, KVType::F16}) {
+          const auto got = run(m, tokens, kv);
+          const auto& want = kv == KVType::F16 ? base16 : base;
+          float err = 0.0f, mag = 1e-6f;
+          for (size_t i = 0; i < got.size(); ++i) {
+            err = std::fmax(err, std::fabs(got[i] - want[i]));
+            mag = std::fmax(mag, std::fabs(want[i]));
+          }
+          // ternary math is exact; lm_head / dense sums reorder, and a rare int8 rounding flip follows
+          check(err <= 0.05f * mag, "forward " + isa + " " + kv_type_name(kv) + " KV vs scalar: err " + std::to_string(err));
         }
-        // ternary math is exact; lm_head / dense sums reorder, and a rare int8 rounding flip follows
-        check(err <= 0.05f * mag, "forward " + isa + " vs scalar: err " + std::to_string(err));
       }
     }
   test_int8_lm_head(rng, tokens);
@@ -375,6 +447,8 @@ int main() {
   test_kernels(rng);
   test_kernel_extremes();
   test_attention(rng);
+  test_fp16_rounding();
+  test_attention_f16(rng);
   test_engine(rng);
   test_bad_input(rng);
   std::printf("%d checks, %d failures\n", g_checks, g_failures);

@@ -52,6 +52,15 @@ def test_generate_json_matches_the_api(files):
     assert stats["generated_tokens"] == 24 and stats["threads"] == 1 and stats["decode_tok_s"] > 0
 
 
+def test_generate_with_the_f16_kv_cache_matches_the_api(files):
+    r = run_cli("generate", files["model"], "-p", "To be", "--temperature", "0", "--max-new-tokens", "12",
+                "--ignore-eos", "--kv-cache", "f16", "--json")
+    assert r.returncode == 0, r.stderr
+    want = Generator(Engine.load(files["model"], threads=1, kv_cache="f16")).generate(
+        ["To be"], max_new_tokens=12, ignore_eos=True)
+    assert [c["token_ids"] for c in json.loads(r.stdout)["completions"]] == [c.token_ids for c in want]
+
+
 def test_generate_streams_prompt_and_text(files):
     r = run_cli("generate", files["model"], "--prompt", "To be", "--max-new-tokens", "10", "--seed", "3",
                 "--ignore-eos")
@@ -121,12 +130,13 @@ def test_bench_json(files):
     res = json.loads(r.stdout)
     assert res["prefill_tokens"] == 16 and res["decode_tokens"] == 8 and res["threads"] == 1
     assert res["prefill_tok_s"] > 0 and res["decode_tok_s"] > 0 and res["weight_bytes_per_token"] > 0
-    assert res["lm_head"] == "fp"
+    assert res["lm_head"] == "fp" and res["kv_cache"] == "f32"
     r8 = run_cli("bench", files["model"], "--prefill", "16", "--decode", "8", "--no-bandwidth", "--json",
-                 "--lm-head", "int8")
+                 "--lm-head", "int8", "--kv-cache", "f16")
     assert r8.returncode == 0, r8.stderr
     res8 = json.loads(r8.stdout)
     assert res8["lm_head"] == "int8" and res8["weight_bytes_per_token"] < res["weight_bytes_per_token"]
+    assert res8["kv_cache"] == "f16" and res8["kv_bytes_per_token"] * 2 == res["kv_bytes_per_token"]
 
 
 def test_runtime_and_cli_run_without_torch(files):

@@ -54,6 +54,14 @@ def test_requesting_cuda_without_a_gpu_is_a_clear_error(tmp_path):
         CudaEngine({}, {})
 
 
+def test_cpu_only_engine_options_are_refused_on_cuda():
+    # named before the device is looked for, so this holds with or without a GPU
+    with pytest.raises(DeviceError, match="lm_head='int8' is a CPU engine option"):
+        CudaEngine({}, {}, lm_head="int8")
+    with pytest.raises(DeviceError, match="kv_cache='f16' is a CPU engine option"):
+        CudaEngine({}, {}, kv_cache="f16")
+
+
 @pytest.mark.skipif(not cuda_compiled() or cuda_available(), reason="needs a CUDA build on a machine without a GPU")
 def test_cuda_model_without_a_device_raises_runtime_error():
     # the C++ constructor checks the device before anything else

@@ -183,3 +183,56 @@ def test_int8_lm_head_rejects_unknown_choice(tmp_path):
     path = export(make_model(VARIANTS["subln-swiglu-gqa"]), tmp_path / "m.bitnet")
     with pytest.raises(ValueError, match="lm_head must be one of"):
         Engine.load(path, lm_head="int4")
+
+
+@pytest.fixture
+def fp16_kv_reference(monkeypatch):
+    """The reference with its keys (after RoPE) and values rounded to fp16, as the f16 KV cache stores them."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def rounded(q, k, v, *args, **kwargs):
+        return sdpa(q, k.half().float(), v.half().float(), *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", rounded)
+
+
+@pytest.mark.parametrize("variant", ["subln-swiglu-gqa", "subln-relu2-headdim"])
+def test_f16_kv_cache_matches_reference_with_fp16_keys_and_values(tmp_path, variant, fp16_kv_reference):
+    model = make_model(VARIANTS[variant])
+    path = export(model, tmp_path / "m.bitnet")
+    ref = build_reference_model(path)
+    eng = Engine.load(path, kv_cache="f16")
+    fp = Engine.load(path)
+    assert eng.kv_cache == "f16" and fp.kv_cache == "f32"
+    seq = prompts(model.config.vocab_size, lengths=(14,))[0]
+    want = ref_logits(ref, seq)
+    cache = eng.new_cache()
+    assert cache.dtype == "f16" and cache.nbytes * 2 == fp.new_cache().nbytes
+    # prefill 6 tokens into the f16 cache, then decode the rest one at a time from it
+    got = [eng.forward(seq[:6], cache=cache)]
+    got += [eng.forward(seq[t:t + 1], cache=cache) for t in range(6, len(seq))]
+    got = np.concatenate(got)
+    assert_close(got, want, f"f16 KV cache {variant}")
+    assert not np.allclose(got, fp.forward(seq), rtol=0, atol=1e-7), "the f16 KV cache changed nothing"
+
+
+def test_kv_cache_dtype_choices(tmp_path):
+    path = export(make_model(VARIANTS["subln-swiglu-gqa"]), tmp_path / "m.bitnet")
+    with pytest.raises(ValueError, match="kv_cache must be one of"):
+        Engine.load(path, kv_cache="int8")
+    eng = Engine.load(path)
+    assert eng.new_cache(dtype="f16").dtype == "f16" and eng.new_cache().dtype == "f32"
+    with pytest.raises(ValueError, match="kv_cache must be one of"):
+        eng.new_cache(dtype="bf16")
+
+
+def test_fp16_bits_round_like_numpy():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(200_000) * np.exp2(rng.integers(-30, 20, 200_000))).astype(np.float32)
+    special = np.array([0.0, -0.0, 65504, 65519.996, 65520, -65520, 1e30, np.inf, -np.inf, 2.0**-24, 2.0**-25,
+                        3 * 2.0**-25, 2.0**-14 - 2.0**-25, 1 + 2.0**-11, 1 + 3 * 2.0**-11], np.float32)
+    x = np.concatenate([x, special])
+    with np.errstate(over="ignore"):  # values past 65520 round to inf, as intended
+        want = x.astype(np.float16).view(np.uint16)
+    np.testing.assert_array_equal(_C.fp16_bits(x), want)
+    assert np.isnan(_C.fp16_bits(np.array([np.nan], np.float32)).view(np.float16)).all()
