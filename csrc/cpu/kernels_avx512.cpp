@@ -23,6 +23,7 @@
 #include <cstring>
 
 #include "cpu/kernels.h"
+#include "cpu/row_blocks.h"
 
 namespace bitnet {
 namespace {
@@ -95,17 +96,9 @@ inline void ternary_row_tile(const uint8_t* row, int64_t n_blocks, const QuantRo
 
 void ternary_rows_avx512(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t r1, const QuantRows& x,
                          float s_w, float* y, int64_t y_stride) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = w + r * n_blocks * kI2BlockBytes;
-    int64_t i = 0;
-    for (; i + 4 <= x.m; i += 4) ternary_row_tile<4>(row, n_blocks, x, i, s_w, y, y_stride, r);
-    switch (x.m - i) {
-      case 3: ternary_row_tile<3>(row, n_blocks, x, i, s_w, y, y_stride, r); break;
-      case 2: ternary_row_tile<2>(row, n_blocks, x, i, s_w, y, y_stride, r); break;
-      case 1: ternary_row_tile<1>(row, n_blocks, x, i, s_w, y, y_stride, r); break;
-      default: break;
-    }
-  }
+  sweep_row_blocks(r0, r1, x.m, 32, [&](auto na, int64_t r, int64_t i) {
+    ternary_row_tile<decltype(na)::value>(w + r * n_blocks * kI2BlockBytes, n_blocks, x, i, s_w, y, y_stride, r);
+  });
 }
 
 template <DType DT>
@@ -153,17 +146,9 @@ void dense_rows_t(const void* w, int64_t n, int64_t r0, int64_t r1, const float*
                   float* y, int64_t y_stride) {
   const auto* base = static_cast<const uint8_t*>(w);
   const int64_t row_bytes = n * (DT == DType::F32 ? 4 : 2);
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = base + r * row_bytes;
-    int64_t i = 0;
-    for (; i + 4 <= m; i += 4) dense_row_tile<DT, 4>(row, n, x, i, x_stride, y, y_stride, r);
-    switch (m - i) {
-      case 3: dense_row_tile<DT, 3>(row, n, x, i, x_stride, y, y_stride, r); break;
-      case 2: dense_row_tile<DT, 2>(row, n, x, i, x_stride, y, y_stride, r); break;
-      case 1: dense_row_tile<DT, 1>(row, n, x, i, x_stride, y, y_stride, r); break;
-      default: break;
-    }
-  }
+  sweep_row_blocks(r0, r1, m, 16, [&](auto na, int64_t r, int64_t i) {
+    dense_row_tile<DT, decltype(na)::value>(base + r * row_bytes, n, x, i, x_stride, y, y_stride, r);
+  });
 }
 
 void dense_rows_avx512(const void* w, DType dt, int64_t n, int64_t r0, int64_t r1, const float* x, int64_t m,

@@ -116,6 +116,39 @@ void test_kernels(std::mt19937& rng) {
   }
 }
 
+// One kernel call over many rows and an activation count that is not a multiple of 4: the row
+// blocks (cpu/row_blocks.h) and their leftover tiles, without the engine's chunking in between.
+void test_kernels_whole_range(std::mt19937& rng) {
+  std::normal_distribution<float> normal;
+  std::uniform_int_distribution<int> code(-1, 1);
+  const int64_t out = 75, in = 200, m = 9;
+  std::vector<int8_t> codes(static_cast<size_t>(out * in));
+  for (auto& c : codes) c = static_cast<int8_t>(code(rng));
+  const auto w = pack(codes, out, in);
+  std::vector<float> x(static_cast<size_t>(m * in)), wd(static_cast<size_t>(out * in));
+  for (auto& v : x) v = normal(rng);
+  for (auto& v : wd) v = normal(rng);
+  QuantBuffer q;
+  q.resize(m, in);
+  kScalarKernels.quantize_rows(x.data(), m, in, in, 1e-5f, q.q(), q.stride(), q.scale(), q.sum());
+  const int64_t nb = i2_blocks_per_row(in);
+  std::vector<float> ta(static_cast<size_t>(m * out)), tb(ta.size(), NAN), da(ta.size()), db(ta.size(), NAN);
+  kScalarKernels.ternary_rows(w.data(), nb, 0, out, q.view(), 0.05f, ta.data(), out);
+  kScalarKernels.dense_rows(wd.data(), DType::F32, in, 0, out, x.data(), m, in, da.data(), out);
+  for (const KernelTable* kt : tables()) {
+    kt->ternary_rows(w.data(), nb, 0, out, q.view(), 0.05f, tb.data(), out);
+    check(std::memcmp(ta.data(), tb.data(), ta.size() * 4) == 0, std::string(kt->name) + " ternary rows 0..75 x 9");
+    kt->dense_rows(wd.data(), DType::F32, in, 0, out, x.data(), m, in, db.data(), out);
+    float err = 0.0f;
+    bool written = true;  // every output was written (they start as NaN)
+    for (size_t i = 0; i < da.size(); ++i) {
+      err = std::fmax(err, std::fabs(da[i] - db[i]));
+      written = written && std::isfinite(db[i]);
+    }
+    check(written && err <= 1e-3f, std::string(kt->name) + " dense rows 0..75 x 9");
+  }
+}
+
 // Extremes: every code +1 (or -1) against activations all at +-127 over 40 blocks, the worst case
 // for the int16 partial sums of the SIMD ternary kernels.
 void test_kernel_extremes() {
@@ -445,6 +478,7 @@ int main() {
   for (const KernelTable* kt : tables()) isas += std::string(" ") + kt->name;
   std::printf("kernel tables:%s\n", isas.c_str());
   test_kernels(rng);
+  test_kernels_whole_range(rng);
   test_kernel_extremes();
   test_attention(rng);
   test_fp16_rounding();
