@@ -43,6 +43,7 @@ ARMS = {
     # not in the default set: plain QAT without the recipe's lambda warm-up (20 steps), which takes a
     # whole short run to reach full ternary
     "plain_qat_no_warmup": {"recipe": "smollm2_135m_1p58", "extra": ["quant.lambda_warmup_steps=0"]},
+    "qat_kd_no_warmup": {"recipe": "smollm2_135m_1p58", "extra": ["distill=kd", "quant.lambda_warmup_steps=0"]},
 }
 DEFAULT_ARMS = ["plain_qat", "qat_kd", "full_recipe", "fp_finetune"]
 STAGE1_FRACTION = 0.4  # full recipe: continued pretraining share of the steps (as in the recipe); --stage1-fraction
@@ -66,7 +67,15 @@ def parse_args(argv=None):
     p.add_argument("--stage1-fraction", type=float, default=STAGE1_FRACTION,
                    help="full recipe: the continued-pretraining share of its steps (the rest is distillation)")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides for every arm")
+    p.add_argument("--stage1-lr", type=float, default=None,
+                   help="full recipe: the continued-pretraining stage's peak lr (default: the recipe's optim.lr)")
+    p.add_argument("--seconds-per-step-from", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="skip the probes: seconds per step of each arm from earlier studies' distill_study.json "
+                        "(train seconds / steps, measured on a quiet machine); an arm NAME_no_warmup that none "
+                        "of them ran takes NAME's figure (the warm-up does not change the work per step)")
     args = p.parse_args(argv)
+    if args.stage1_lr is not None and not args.stage1_lr > 0:
+        p.error(f"--stage1-lr must be > 0, got {args.stage1_lr}")
     if not 0.0 < args.stage1_fraction < 1.0:
         p.error(f"--stage1-fraction must be in (0, 1), got {args.stage1_fraction}")
     return args
@@ -75,7 +84,7 @@ def parse_args(argv=None):
 # -- running arms ----------------------------------------------------------------------------------
 
 def run_arm(arm: str, steps: int, run_dir: Path, common: list[str], val_every: int,
-            stage1_fraction: float = STAGE1_FRACTION) -> dict:
+            stage1_fraction: float = STAGE1_FRACTION, stage1_lr: float | None = None) -> dict:
     from bitnet_train.config import compose_config
     from bitnet_train.train import run
 
@@ -85,9 +94,10 @@ def run_arm(arm: str, steps: int, run_dir: Path, common: list[str], val_every: i
     if arm == "full_recipe":
         s1 = max(1, round(steps * stage1_fraction))
         s2 = max(1, steps - s1)
+        lr1 = "" if stage1_lr is None else f", optim: {{lr: {stage1_lr}}}"
         overrides.append(
             f"stages=[{{stage: continued_pretraining, trainer: {{max_steps: {s1}, val_check_interval: {max(1, min(val_every, s1))}}},"
-            f" distill: {{enabled: false}}}}, {{stage: distillation, trainer: {{max_steps: {s2},"
+            f" distill: {{enabled: false}}{lr1}}}, {{stage: distillation, trainer: {{max_steps: {s2},"
             f" val_check_interval: {max(1, min(val_every, s2))}}}, optim: {{warmup_steps: {min(5, s2)}}}}}]")
     else:
         overrides.append(f"trainer.max_steps={steps}")
@@ -141,6 +151,25 @@ def seconds_per_step(arm: str, probe_steps: int, out: Path, common: list[str]) -
     return r["train_seconds"] / max(1, r["steps"])
 
 
+def seconds_per_step_from(paths: list[Path], arms: list[str]) -> dict[str, float]:
+    """Seconds per step of each arm from earlier studies' JSON (train seconds / steps)."""
+    known: dict[str, float] = {}
+    for path in paths:
+        try:
+            rows = json.loads(path.read_text())
+            rows = rows["results"] if isinstance(rows, dict) else rows
+            known.update({r["arm"]: r["train_seconds"] / max(1, r["steps"]) for r in rows})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"error: cannot read seconds per step from {path}: {e}")
+    for a in arms:
+        if a not in known and a.endswith("_no_warmup") and a.removesuffix("_no_warmup") in known:
+            known[a] = known[a.removesuffix("_no_warmup")]
+    missing = [a for a in arms if a not in known]
+    if missing:
+        raise SystemExit(f"error: no result for arm(s) {missing} in {[str(p) for p in paths]} (they have {sorted(known)})")
+    return {a: known[a] for a in arms}
+
+
 # -- tiny mode ---------------------------------------------------------------------------------------
 
 def tiny_setup(out: Path, threads: int) -> list[str]:
@@ -169,7 +198,10 @@ def tiny_setup(out: Path, threads: int) -> list[str]:
 # -- report ------------------------------------------------------------------------------------------
 
 def write_report(results: list[dict], out: Path, meta: dict) -> None:
-    base = next((r for r in results if r["arm"] == "plain_qat"), None)
+    # the baseline: plain QAT without the lambda warm-up where it ran (the warm-up takes a whole short run), else
+    # the shipped plain-QAT recipe
+    base = next((r for r in results if r["arm"] == "plain_qat_no_warmup"), None) or next(
+        (r for r in results if r["arm"] == "plain_qat"), None)
     fp = next((r for r in results if r["arm"] == "fp_finetune"), None)
     lines = [
         f"# Distillation fidelity study ({meta['mode']} mode{', tiny' if meta['tiny'] else ''})",
@@ -178,7 +210,7 @@ def write_report(results: list[dict], out: Path, meta: dict) -> None:
                                   else f"budget {meta['budget_minutes']} min per arm") + "; validation: held-out plays, "
         f"{meta['val_batches']} batches; command: `{meta['command']}`",
         "",
-        "| arm | steps | tokens | train s | wall s | val ppl | × plain QAT | × fp fine-tune |",
+        f"| arm | steps | tokens | train s | wall s | val ppl | × {base['arm'] if base else 'plain QAT'} | × fp fine-tune |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -238,7 +270,10 @@ def main(argv=None) -> int:
         steps = {a: args.steps for a in arms}
         probes = {}
     else:
-        probes = {a: seconds_per_step(a, args.probe_steps, out, common) for a in arms}
+        if args.seconds_per_step_from:
+            probes = seconds_per_step_from(args.seconds_per_step_from, arms)
+        else:
+            probes = {a: seconds_per_step(a, args.probe_steps, out, common) for a in arms}
         print("seconds per step:", {a: round(s, 3) for a, s in probes.items()})
         if args.mode == "tokens":
             n = max(1, int(budget_s / max(probes.values())))
@@ -249,7 +284,7 @@ def main(argv=None) -> int:
     for a in arms:
         print(f"\n##### {a}: {steps[a]} steps")
         r = run_arm(a, steps[a], out / a, common, val_every=max(1, steps[a] // max(1, args.val_points)),
-                    stage1_fraction=args.stage1_fraction)
+                    stage1_fraction=args.stage1_fraction, stage1_lr=args.stage1_lr)
         r["probe_seconds_per_step"] = probes.get(a)
         results.append(r)
         (out / "distill_study.partial.json").write_text(json.dumps(results, indent=1))
@@ -257,6 +292,7 @@ def main(argv=None) -> int:
     device = "GPU" if args.gpu else f"CPU, {threads} thread(s)"
     meta = {"mode": args.mode, "tiny": args.tiny, "budget_minutes": args.budget_minutes, "device": device,
             "fixed_steps": args.steps, "stage1_fraction": args.stage1_fraction,
+            "stage1_lr": args.stage1_lr, "seconds_per_step_from": [str(p) for p in args.seconds_per_step_from or []] or None,
             "val_batches": args.val_batches, "command": " ".join(["python", "bench/distill_study.py", *(argv or sys.argv[1:])])}
     write_report(results, out, meta)
     return 0
