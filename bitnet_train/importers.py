@@ -31,7 +31,7 @@ import torch
 
 from .errors import BitNetError
 from .model import BitNetModel, ModelConfig, QuantConfig
-from .model_dir import load_state_checked
+from .model_dir import load_state_checked, read_config_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -307,13 +307,8 @@ def _rope_settings(hf_config) -> tuple[float, str, float]:
 
 
 def _read_hf_directory_config(path: Path):
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise BitNetError(f"cannot import {path}: config.json is missing (expected a Hugging Face model directory)")
-    try:
-        raw = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise BitNetError(f"{config_file} is not valid JSON: {e}") from None
+    config_file, raw = read_config_json(
+        path, f"cannot import {path}: config.json is missing (expected a Hugging Face model directory)")
     # Checked before transformers sees it: an unknown or remote-code model_type fails clearly here.
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:

@@ -63,15 +63,21 @@ def save_model_dir(path: str | os.PathLike, model: BitNetModel, tokenizer=None, 
     return path
 
 
-def read_model_dir_config(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    cfg_file = path / "config.json"
+def read_config_json(directory: Path, missing: str) -> tuple[Path, dict]:
+    """(path, parsed) of directory/config.json; BitNetError `missing` when it is absent, or naming the
+    file when it is not valid JSON."""
+    cfg_file = directory / "config.json"
     if not cfg_file.is_file():
-        raise BitNetError(f"{path} is not a model directory: config.json is missing")
+        raise BitNetError(missing)
     try:
-        meta = json.loads(cfg_file.read_text())
+        return cfg_file, json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise BitNetError(f"{cfg_file} is not valid JSON: {e}") from None
+
+
+def read_model_dir_config(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    cfg_file, meta = read_config_json(path, f"{path} is not a model directory: config.json is missing")
     if meta.get("format") != FORMAT_NAME:
         raise BitNetError(f"{cfg_file}: format is {meta.get('format')!r}, expected {FORMAT_NAME!r}")
     if meta.get("version") != FORMAT_VERSION:

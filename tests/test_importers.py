@@ -26,6 +26,7 @@ from bitnet_train import importers
 from bitnet_train.errors import BitNetError
 from bitnet_train.importers import load_hf_llama, smollm2_gguf_path
 from bitnet_train.model import QuantConfig
+from bitnet_train.model_dir import read_model_dir_config
 
 VOCAB = 128
 TINY_SHAPE = dict(
@@ -247,6 +248,25 @@ def test_subln_calibration_ids_are_used_and_checked(tiny_llama):
 def test_missing_directory_is_rejected(tmp_path):
     with pytest.raises(BitNetError, match="no such directory"):
         load_hf_llama(tmp_path / "absent", quant=NONE)
+
+
+def test_directory_without_or_with_broken_config_json_is_rejected(tmp_path):
+    with pytest.raises(BitNetError, match="config.json is missing"):
+        load_hf_llama(tmp_path, quant=NONE)
+    (tmp_path / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(BitNetError, match="config.json is not valid JSON"):
+        load_hf_llama(tmp_path, quant=NONE)
+
+
+def test_model_dir_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(BitNetError, match="is not a model directory: config.json is missing"):
+        read_model_dir_config(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(BitNetError, match="config.json is not valid JSON"):
+        read_model_dir_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(BitNetError, match="format is 'something-else'"):
+        read_model_dir_config(tmp_path)
 
 
 def test_non_llama_model_type_is_rejected_by_name(tmp_path):
