@@ -148,7 +148,12 @@ def seconds_per_step(arm: str, probe_steps: int, out: Path, common: list[str]) -
                     [*common, f"callbacks.checkpoint_every_n_steps={probe_steps + 1}"], val_every=probe_steps + 1)
     finally:
         del ARMS["_probe"]
-    return r["train_seconds"] / max(1, r["steps"])
+    return per_step(r)
+
+
+def per_step(result: dict) -> float:
+    """Training seconds per step of one arm's result (a run_arm dict or a row of distill_study.json)."""
+    return result["train_seconds"] / max(1, result["steps"])
 
 
 def seconds_per_step_from(paths: list[Path], arms: list[str]) -> dict[str, float]:
@@ -158,12 +163,13 @@ def seconds_per_step_from(paths: list[Path], arms: list[str]) -> dict[str, float
         try:
             rows = json.loads(path.read_text())
             rows = rows["results"] if isinstance(rows, dict) else rows
-            known.update({r["arm"]: r["train_seconds"] / max(1, r["steps"]) for r in rows})
+            known.update({r["arm"]: per_step(r) for r in rows})
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"error: cannot read seconds per step from {path}: {e}")
     for a in arms:
-        if a not in known and a.endswith("_no_warmup") and a.removesuffix("_no_warmup") in known:
-            known[a] = known[a.removesuffix("_no_warmup")]
+        base = a.removesuffix("_no_warmup")
+        if a not in known and base != a and base in known:
+            known[a] = known[base]
     missing = [a for a in arms if a not in known]
     if missing:
         raise SystemExit(f"error: no result for arm(s) {missing} in {[str(p) for p in paths]} (they have {sorted(known)})")
