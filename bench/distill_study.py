@@ -18,7 +18,7 @@ and distill_study.png (val ppl against training tokens, from each run's logs/met
 
     python bench/distill_study.py --budget-minutes 25            # the real study (SmolLM2, CPU)
     python bench/distill_study.py --budget-minutes 30 --gpu      # on a GPU
-    python bench/distill_study.py --tiny                         # a minute: tiny teacher, few steps
+    python bench/distill_study.py --tiny                         # ~20 s: tiny teacher, 12 steps per arm
 
 --tiny first trains a tiny full-precision "source" (no SubLN) from scratch on the plays, then runs
 the four arms from it: it checks the pipeline, its figures mean nothing.
@@ -46,12 +46,16 @@ ARMS = {
     "qat_kd_no_warmup": {"recipe": "smollm2_135m_1p58", "extra": ["distill=kd", "quant.lambda_warmup_steps=0"]},
 }
 DEFAULT_ARMS = ["plain_qat", "qat_kd", "full_recipe", "fp_finetune"]
+DEFAULT_BUDGET_MINUTES = 25.0
+TINY_STEPS = 12  # --tiny without --steps or --budget-minutes
 STAGE1_FRACTION = 0.4  # full recipe: continued pretraining share of the steps (as in the recipe); --stage1-fraction
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--budget-minutes", type=float, default=25.0, help="training wall time per arm")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help=f"training wall time per arm (default {DEFAULT_BUDGET_MINUTES}; with --tiny and no --steps, "
+                        f"{TINY_STEPS} steps per arm instead)")
     p.add_argument("--mode", choices=("tokens", "time"), default="tokens")
     p.add_argument("--steps", type=int, default=None, help="skip the probes: this many steps per arm (tokens mode)")
     p.add_argument("--probe-steps", type=int, default=4)
@@ -74,6 +78,10 @@ def parse_args(argv=None):
                         "(train seconds / steps, measured on a quiet machine); an arm NAME_no_warmup that none "
                         "of them ran takes NAME's figure (the warm-up does not change the work per step)")
     args = p.parse_args(argv)
+    if args.tiny and args.steps is None and args.budget_minutes is None:
+        args.steps = TINY_STEPS  # a pipeline check: the default budget would give tiny arms thousands of steps
+    if args.budget_minutes is None:
+        args.budget_minutes = DEFAULT_BUDGET_MINUTES
     if args.stage1_lr is not None and not args.stage1_lr > 0:
         p.error(f"--stage1-lr must be > 0, got {args.stage1_lr}")
     if not 0.0 < args.stage1_fraction < 1.0:

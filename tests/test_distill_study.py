@@ -1,0 +1,49 @@
+"""bench/distill_study.py: the --tiny pipeline check and reading seconds per step from earlier studies."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "distill_study.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("distill_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_tiny_study_runs_every_arm_for_a_few_steps(study, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    try:
+        assert study.main(["--tiny", "--threads", "1", "--out", str(tmp_path / "s")]) == 0
+    finally:
+        torch.set_num_threads(threads)  # main() sets the process's torch threads
+    report = json.loads((tmp_path / "s" / "distill_study.json").read_text())
+    arms = [r["arm"] for r in report["results"]]
+    assert arms == study.DEFAULT_ARMS
+    assert {r["steps"] for r in report["results"]} == {study.TINY_STEPS}
+    assert all(r["val_ppl"] > 1 and r["curve"] for r in report["results"])
+    assert (tmp_path / "s" / "distill_study.png").stat().st_size > 0
+
+
+def test_seconds_per_step_from_earlier_results(study, tmp_path):
+    f = tmp_path / "distill_study.json"
+    f.write_text(json.dumps({"results": [{"arm": "plain_qat", "train_seconds": 50.0, "steps": 20},
+                                         {"arm": "full_recipe", "train_seconds": 90.0, "steps": 30}]}))
+    got = study.seconds_per_step_from([f], ["plain_qat_no_warmup", "full_recipe"])
+    assert got == {"plain_qat_no_warmup": 2.5, "full_recipe": 3.0}
+    with pytest.raises(SystemExit, match=r"no result for arm\(s\) \['qat_kd'\]"):
+        study.seconds_per_step_from([f], ["qat_kd"])
+    f.write_text("[{")
+    with pytest.raises(SystemExit, match="cannot read seconds per step"):
+        study.seconds_per_step_from([f], ["plain_qat"])
