@@ -34,6 +34,21 @@ def test_tiny_study_runs_every_arm_for_a_few_steps(study, tmp_path, monkeypatch)
     assert {r["steps"] for r in report["results"]} == {study.TINY_STEPS}
     assert all(r["val_ppl"] > 1 and r["curve"] for r in report["results"])
     assert (tmp_path / "s" / "distill_study.png").stat().st_size > 0
+    # every arm wrote its model, and the checkpoints (for resuming) went once the arm was done
+    for arm in arms:
+        assert list((tmp_path / "s" / arm).rglob("model.safetensors")), arm
+    assert not list((tmp_path / "s").rglob("*.ckpt"))
+
+
+def test_prune_checkpoints_removes_only_checkpoints(study, tmp_path):
+    for rel, size in [("stage1/checkpoints/last.ckpt", 300), ("stage2/checkpoints/step=4.ckpt", 200),
+                      ("stage2/model/model.safetensors", 50), ("stage2/logs/metrics.csv", 10)]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x" * size)
+    assert study.prune_checkpoints(tmp_path) == 500
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == ["stage2/logs/metrics.csv", "stage2/model/model.safetensors"]
+    assert study.prune_checkpoints(tmp_path) == 0
 
 
 def test_seconds_per_step_from_earlier_results(study, tmp_path):
