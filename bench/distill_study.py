@@ -76,6 +76,9 @@ def parse_args(argv=None):
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides for every arm")
     p.add_argument("--stage1-lr", type=float, default=None,
                    help="full recipe: the continued-pretraining stage's peak lr (default: the recipe's optim.lr)")
+    p.add_argument("--stage1-warmup-steps", type=int, default=None,
+                   help="full recipe: the continued-pretraining stage's lr warm-up steps (default: the recipe's "
+                        "optim.warmup_steps; a stage shorter than that never reaches its peak lr)")
     p.add_argument("--seconds-per-step-from", type=Path, nargs="+", default=None, metavar="JSON",
                    help="skip the probes: seconds per step of each arm from earlier studies' distill_study.json "
                         "(train seconds / steps, measured on a quiet machine); an arm NAME_no_warmup that none "
@@ -87,6 +90,8 @@ def parse_args(argv=None):
         args.budget_minutes = DEFAULT_BUDGET_MINUTES
     if args.stage1_lr is not None and not args.stage1_lr > 0:
         p.error(f"--stage1-lr must be > 0, got {args.stage1_lr}")
+    if args.stage1_warmup_steps is not None and args.stage1_warmup_steps < 0:
+        p.error(f"--stage1-warmup-steps must be >= 0, got {args.stage1_warmup_steps}")
     if not 0.0 < args.stage1_fraction < 1.0:
         p.error(f"--stage1-fraction must be in (0, 1), got {args.stage1_fraction}")
     return args
@@ -94,24 +99,31 @@ def parse_args(argv=None):
 
 # -- running arms ----------------------------------------------------------------------------------
 
-def run_arm(arm: str, steps: int, run_dir: Path, common: list[str], val_every: int,
-            stage1_fraction: float = STAGE1_FRACTION, stage1_lr: float | None = None) -> dict:
-    from bitnet_train.config import compose_config
-    from bitnet_train.train import run
-
+def arm_overrides(arm: str, steps: int, run_dir: Path, common: list[str], val_every: int,
+                  stage1_fraction: float = STAGE1_FRACTION, stage1_lr: float | None = None,
+                  stage1_warmup_steps: int | None = None) -> list[str]:
+    """The config overrides of one arm: its recipe, `steps` steps in all (the full recipe split in two stages)."""
     spec = ARMS[arm]
     overrides = [f"recipe={spec['recipe']}", *spec["extra"], f"run_dir={run_dir}", *common,
                  f"trainer.val_check_interval={max(1, val_every)}"]
-    if arm == "full_recipe":
-        s1 = max(1, round(steps * stage1_fraction))
-        s2 = max(1, steps - s1)
-        lr1 = "" if stage1_lr is None else f", optim: {{lr: {stage1_lr}}}"
-        overrides.append(
+    if arm != "full_recipe":
+        return [*overrides, f"trainer.max_steps={steps}"]
+    s1 = max(1, round(steps * stage1_fraction))
+    s2 = max(1, steps - s1)
+    optim1 = {k: v for k, v in {"lr": stage1_lr, "warmup_steps": stage1_warmup_steps}.items() if v is not None}
+    optim1_yaml = f", optim: {{{', '.join(f'{k}: {v}' for k, v in optim1.items())}}}" if optim1 else ""
+    return [*overrides,
             f"stages=[{{stage: continued_pretraining, trainer: {{max_steps: {s1}, val_check_interval: {max(1, min(val_every, s1))}}},"
-            f" distill: {{enabled: false}}{lr1}}}, {{stage: distillation, trainer: {{max_steps: {s2},"
-            f" val_check_interval: {max(1, min(val_every, s2))}}}, optim: {{warmup_steps: {min(5, s2)}}}}}]")
-    else:
-        overrides.append(f"trainer.max_steps={steps}")
+            f" distill: {{enabled: false}}{optim1_yaml}}}, {{stage: distillation, trainer: {{max_steps: {s2},"
+            f" val_check_interval: {max(1, min(val_every, s2))}}}, optim: {{warmup_steps: {min(5, s2)}}}}}]"]
+
+
+def run_arm(arm: str, steps: int, run_dir: Path, common: list[str], val_every: int, **stage1) -> dict:
+    """Train one arm (see arm_overrides; `stage1` takes its stage1_* keywords) and collect its figures."""
+    from bitnet_train.config import compose_config
+    from bitnet_train.train import run
+
+    overrides = arm_overrides(arm, steps, run_dir, common, val_every, **stage1)
     os.environ.pop("BITNET_RUN_DIR", None)
     t0 = time.time()
     summary = run(compose_config(overrides))
@@ -315,7 +327,8 @@ def main(argv=None) -> int:
     for a in arms:
         print(f"\n##### {a}: {steps[a]} steps")
         r = run_arm(a, steps[a], out / a, common, val_every=max(1, steps[a] // max(1, args.val_points)),
-                    stage1_fraction=args.stage1_fraction, stage1_lr=args.stage1_lr)
+                    stage1_fraction=args.stage1_fraction, stage1_lr=args.stage1_lr,
+                    stage1_warmup_steps=args.stage1_warmup_steps)
         r["probe_seconds_per_step"] = probes.get(a)
         if not args.keep_checkpoints:
             freed = prune_checkpoints(out / a)
@@ -327,7 +340,7 @@ def main(argv=None) -> int:
     device = "GPU" if args.gpu else f"CPU, {threads} thread(s)"
     meta = {"mode": args.mode, "tiny": args.tiny, "budget_minutes": args.budget_minutes, "device": device,
             "fixed_steps": args.steps, "stage1_fraction": args.stage1_fraction,
-            "stage1_lr": args.stage1_lr, "seconds_per_step_from": [str(p) for p in args.seconds_per_step_from or []] or None,
+            "stage1_lr": args.stage1_lr, "stage1_warmup_steps": args.stage1_warmup_steps, "seconds_per_step_from": [str(p) for p in args.seconds_per_step_from or []] or None,
             "val_batches": args.val_batches, "command": " ".join(["python", "bench/distill_study.py", *(argv or sys.argv[1:])])}
     write_report(results, out, meta)
     return 0

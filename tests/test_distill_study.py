@@ -62,3 +62,28 @@ def test_seconds_per_step_from_earlier_results(study, tmp_path):
     f.write_text("[{")
     with pytest.raises(SystemExit, match="cannot read seconds per step"):
         study.seconds_per_step_from([f], ["plain_qat"])
+
+
+def test_full_recipe_arm_splits_steps_and_sets_stage1_optim(study, tmp_path):
+    from bitnet_train.config import compose_config
+
+    cfg = compose_config(study.arm_overrides("full_recipe", 45, tmp_path / "a", [], val_every=9, stage1_fraction=0.2,
+                                             stage1_lr=5e-4, stage1_warmup_steps=3))
+    s1, s2 = cfg.stages
+    assert (s1.trainer.max_steps, s2.trainer.max_steps) == (9, 36)
+    assert (s1.optim.lr, s1.optim.warmup_steps) == (5e-4, 3)
+    assert s1.distill.enabled is False and "lr" not in s2.optim and s2.optim.warmup_steps == 5
+    # without the options, stage 1 keeps the recipe's optimizer settings
+    cfg = compose_config(study.arm_overrides("full_recipe", 30, tmp_path / "b", [], val_every=6))
+    assert cfg.stages[0].trainer.max_steps == 12 and "optim" not in cfg.stages[0]
+    plain = compose_config(study.arm_overrides("plain_qat_no_warmup", 30, tmp_path / "c", [], val_every=6))
+    assert plain.trainer.max_steps == 30 and not plain.get("stages")
+
+
+@pytest.mark.parametrize("argv, message", [(["--stage1-warmup-steps", "-1"], "--stage1-warmup-steps must be >= 0"),
+                                           (["--stage1-lr", "0"], "--stage1-lr must be > 0"),
+                                           (["--stage1-fraction", "1"], "--stage1-fraction must be in")])
+def test_bad_stage1_options_are_named(study, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        study.parse_args(argv)
+    assert message in capsys.readouterr().err
