@@ -6,6 +6,8 @@ Arms (all from the same full-precision source, same data, same validation on hel
   full_recipe  SubLN + continued pretraining, then KD + attention relations
                                                              (recipe smollm2_135m_1p58_distill)
   fp_finetune  the same fine-tune in full precision          (smollm2_135m_1p58 with quant=none)
+Not in the default set: plain_qat_no_warmup and qat_kd_no_warmup (no lambda warm-up), and distill_only
+(the full recipe without its CE stage: distillation from the first step).
 
 Modes:
   --mode tokens  every arm trains the same number of steps (same tokens): the number of steps
@@ -44,6 +46,8 @@ ARMS = {
     # whole short run to reach full ternary
     "plain_qat_no_warmup": {"recipe": "smollm2_135m_1p58", "extra": ["quant.lambda_warmup_steps=0"]},
     "qat_kd_no_warmup": {"recipe": "smollm2_135m_1p58", "extra": ["distill=kd", "quant.lambda_warmup_steps=0"]},
+    # the full recipe without its CE stage: SubLN insertion, then KD + attention relations from the first step
+    "distill_only": {"recipe": "smollm2_135m_1p58_distill", "extra": ["stages=null"]},
 }
 DEFAULT_ARMS = ["plain_qat", "qat_kd", "full_recipe", "fp_finetune"]
 DEFAULT_BUDGET_MINUTES = 25.0
@@ -164,13 +168,8 @@ def val_curve(run_dir: Path, stages: list[dict]) -> list[tuple[int, float]]:
 
 def seconds_per_step(arm: str, probe_steps: int, out: Path, common: list[str]) -> float:
     """Probe: a short run of the arm (for the full recipe, its costlier distillation stage alone)."""
-    probe = {"recipe": "smollm2_135m_1p58_distill", "extra": ["stages=null"]} if arm == "full_recipe" else ARMS[arm]
-    ARMS["_probe"] = probe
-    try:
-        r = run_arm("_probe", probe_steps, out / "probes" / arm,
-                    [*common, f"callbacks.checkpoint_every_n_steps={probe_steps + 1}"], val_every=probe_steps + 1)
-    finally:
-        del ARMS["_probe"]
+    r = run_arm("distill_only" if arm == "full_recipe" else arm, probe_steps, out / "probes" / arm,
+                [*common, f"callbacks.checkpoint_every_n_steps={probe_steps + 1}"], val_every=probe_steps + 1)
     prune_checkpoints(out / "probes" / arm)
     return per_step(r)
 

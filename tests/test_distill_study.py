@@ -87,3 +87,11 @@ def test_bad_stage1_options_are_named(study, argv, message, capsys):
     with pytest.raises(SystemExit):
         study.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_distill_only_arm_is_one_distillation_stage_with_subln(study, tmp_path):
+    from bitnet_train.config import compose_config
+
+    cfg = compose_config(study.arm_overrides("distill_only", 45, tmp_path / "d", [], val_every=9))
+    assert not cfg.get("stages") and cfg.trainer.max_steps == 45
+    assert cfg.model.norm == "subln" and cfg.distill.enabled and cfg.distill.attn_weight > 0
