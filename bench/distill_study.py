@@ -77,6 +77,12 @@ def parse_args(argv=None):
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each finished arm's Lightning checkpoints (about 1.6 GB per stage for SmolLM2; by "
                         "default they are removed once the arm's model and metrics are written)")
+    p.add_argument("--test-blocks", type=int, default=64,
+                   help="after each arm, score its final model on this many held-out blocks that validation never "
+                        "read (the blocks after validation's; 0: skip)")
+    p.add_argument("--rescore", type=Path, default=None, metavar="DIR",
+                   help="train nothing: add the --test-blocks figure to the study in DIR (its distill_study.json) "
+                        "and write its report again")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides for every arm")
     p.add_argument("--stage1-lr", type=float, default=None,
                    help="full recipe: the continued-pretraining stage's peak lr (default: the recipe's optim.lr)")
@@ -94,6 +100,8 @@ def parse_args(argv=None):
         args.budget_minutes = DEFAULT_BUDGET_MINUTES
     if args.stage1_lr is not None and not args.stage1_lr > 0:
         p.error(f"--stage1-lr must be > 0, got {args.stage1_lr}")
+    if args.test_blocks < 0 or (args.rescore and args.test_blocks == 0):
+        p.error(f"--test-blocks must be >= 0 (> 0 with --rescore), got {args.test_blocks}")
     if args.stage1_warmup_steps is not None and args.stage1_warmup_steps < 0:
         p.error(f"--stage1-warmup-steps must be >= 0, got {args.stage1_warmup_steps}")
     if not 0.0 < args.stage1_fraction < 1.0:
@@ -164,6 +172,46 @@ def val_curve(run_dir: Path, stages: list[dict]) -> list[tuple[int, float]]:
         points[offset_tokens + stage["tokens"]] = math.exp(min(stage["val_loss"], 50.0))
         offset_tokens += stage["tokens"]
     return sorted(points.items())
+
+
+def final_stage_dir(run_dir: Path) -> Path:
+    """The directory whose model/ is an arm's final model: run_dir, or its last stageN/ for a staged recipe."""
+    stages = sorted(run_dir.glob("stage[0-9]*"), key=lambda p: int(p.name[5:]))
+    return stages[-1] if stages else run_dir
+
+
+def test_ppl(run_dir: Path, blocks: int, batch: int = 8) -> dict:
+    """Perplexity of an arm's final model on held-out blocks that validation never saw.
+
+    Validation (limit_val_batches × data.batch_size blocks) reads the start of the held-out plays; the
+    study picks settings on it. These are the next `blocks` blocks of the same plays, read with the
+    arm's own saved config.yaml, so the figure is free of that choice."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from bitnet_train.data import DataConfig, TextDataModule
+    from bitnet_train.model_dir import load_model_dir
+
+    stage = final_stage_dir(run_dir)
+    cfg = OmegaConf.load(stage / "config.yaml")
+    seen = int(cfg.trainer.limit_val_batches) * int(cfg.data.batch_size)
+    data = {**OmegaConf.to_container(cfg.data, resolve=True), "max_val_tokens": None}
+    model, tokenizer, _ = load_model_dir(stage / "model")
+    dm = TextDataModule(DataConfig(**data, seed=int(cfg.seed)), tokenizer=tokenizer)
+    dm.setup()
+    available = len(dm.val_blocks) - seen
+    if available < blocks:
+        raise SystemExit(f"error: --test-blocks {blocks}: the held-out plays have {len(dm.val_blocks)} blocks and "
+                         f"validation reads the first {seen}, so at most {max(0, available)} are left")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(seen, seen + blocks, batch):
+            xs, ys = zip(*(dm.val_blocks[i] for i in range(start, min(start + batch, seen + blocks))))
+            logits = model(torch.stack(xs)).float()
+            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.stack(ys).flatten(),
+                                                       reduction="sum").item()
+            count += sum(y.numel() for y in ys)
+    return {"test_ppl": math.exp(total / count), "test_tokens": count, "test_first_block": seen}
 
 
 def seconds_per_step(arm: str, probe_steps: int, out: Path, common: list[str]) -> float:
@@ -252,14 +300,23 @@ def write_report(results: list[dict], out: Path, meta: dict) -> None:
                                   else f"budget {meta['budget_minutes']} min per arm") + "; validation: held-out plays, "
         f"{meta['val_batches']} batches; command: `{meta['command']}`",
         "",
-        f"| arm | steps | tokens | train s | wall s | val ppl | × {base['arm'] if base else 'plain QAT'} | × fp fine-tune |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| arm | steps | tokens | train s | wall s | val ppl | × {base['arm'] if base else 'plain QAT'} | × fp fine-tune "
+        f"| test ppl | test × {base['arm'] if base else 'plain QAT'} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def ratio(r: dict, ref: dict | None, key: str) -> str:
+        return f"{r[key] / ref[key]:.3f}" if ref and r.get(key) and ref.get(key) else "-"
+
     for r in results:
-        vs_base = f"{r['val_ppl'] / base['val_ppl']:.3f}" if base else "-"
-        vs_fp = f"{r['val_ppl'] / fp['val_ppl']:.3f}" if fp else "-"
+        test = f"{r['test_ppl']:.2f}" if r.get("test_ppl") else "-"
         lines.append(f"| {r['arm']} | {r['steps']} | {r['tokens']} | {r['train_seconds']} | {r['wall_seconds']} | "
-                     f"{r['val_ppl']:.2f} | {vs_base} | {vs_fp} |")
+                     f"{r['val_ppl']:.2f} | {ratio(r, base, 'val_ppl')} | {ratio(r, fp, 'val_ppl')} | {test} | "
+                     f"{ratio(r, base, 'test_ppl')} |")
+    tested = next((r for r in results if r.get("test_ppl")), None)
+    if tested:
+        lines += ["", f"test: {tested['test_tokens']} tokens of the held-out plays from block {tested['test_first_block']}"
+                      " on, which validation never read (settings were picked on validation)"]
     (out / "distill_study.md").write_text("\n".join(lines) + "\n")
     (out / "distill_study.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print("\n".join(lines))
@@ -285,12 +342,31 @@ def write_report(results: list[dict], out: Path, meta: dict) -> None:
     print(f"\nwrote {out / 'distill_study.md'}, .json, .png")
 
 
+def rescore(out: Path, blocks: int) -> int:
+    """--rescore: score every arm of an earlier study on the test blocks, then write its report again."""
+    try:
+        report = json.loads((out / "distill_study.json").read_text())
+        results, meta = report["results"], report["meta"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: --rescore {out}: cannot read its distill_study.json: {e}")
+    for r in results:
+        run_dir = Path(r["run_dir"])
+        if not (final_stage_dir(run_dir) / "model" / "model.safetensors").is_file():
+            raise SystemExit(f"error: --rescore {out}: arm {r['arm']} has no final model under {run_dir}")
+        r.update(test_ppl(run_dir, blocks))
+        print(f"{r['arm']}: test ppl {r['test_ppl']:.2f} over {r['test_tokens']} tokens")
+    write_report(results, out, meta)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
+    if args.rescore:
+        return rescore(args.rescore, args.test_blocks)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
@@ -329,6 +405,8 @@ def main(argv=None) -> int:
                     stage1_fraction=args.stage1_fraction, stage1_lr=args.stage1_lr,
                     stage1_warmup_steps=args.stage1_warmup_steps)
         r["probe_seconds_per_step"] = probes.get(a)
+        if args.test_blocks:
+            r.update(test_ppl(out / a, args.test_blocks))
         if not args.keep_checkpoints:
             freed = prune_checkpoints(out / a)
             if freed:

@@ -38,6 +38,18 @@ def test_tiny_study_runs_every_arm_for_a_few_steps(study, tmp_path, monkeypatch)
     for arm in arms:
         assert list((tmp_path / "s" / arm).rglob("model.safetensors")), arm
     assert not list((tmp_path / "s").rglob("*.ckpt"))
+    # each arm was scored on held-out blocks after the ones validation reads (4 batches of 4 blocks)
+    assert all(r["test_ppl"] > 1 and r["test_first_block"] == 16 and r["test_tokens"] == 64 * 64
+               for r in report["results"])
+    assert "test ppl" in (tmp_path / "s" / "distill_study.md").read_text()
+    # --rescore scores the saved models again, here on fewer blocks, and rewrites the report
+    assert study.main(["--rescore", str(tmp_path / "s"), "--test-blocks", "8", "--threads", "1"]) == 0
+    torch.set_num_threads(threads)
+    again = json.loads((tmp_path / "s" / "distill_study.json").read_text())["results"]
+    assert [r["test_tokens"] for r in again] == [8 * 64] * len(arms)
+    assert [r["val_ppl"] for r in again] == [r["val_ppl"] for r in report["results"]]
+    with pytest.raises(SystemExit, match="at most"):
+        study.test_ppl(tmp_path / "s" / "plain_qat", 100_000)
 
 
 def test_prune_checkpoints_removes_only_checkpoints(study, tmp_path):
@@ -95,3 +107,18 @@ def test_distill_only_arm_is_one_distillation_stage_with_subln(study, tmp_path):
     cfg = compose_config(study.arm_overrides("distill_only", 45, tmp_path / "d", [], val_every=9))
     assert not cfg.get("stages") and cfg.trainer.max_steps == 45
     assert cfg.model.norm == "subln" and cfg.distill.enabled and cfg.distill.attn_weight > 0
+
+
+def test_rescore_names_what_is_missing(study, tmp_path):
+    with pytest.raises(SystemExit, match="cannot read its distill_study.json"):
+        study.rescore(tmp_path, 8)
+    (tmp_path / "distill_study.json").write_text(json.dumps(
+        {"meta": {}, "results": [{"arm": "plain_qat", "run_dir": str(tmp_path / "gone")}]}))
+    with pytest.raises(SystemExit, match="arm plain_qat has no final model"):
+        study.rescore(tmp_path, 8)
+    with pytest.raises(SystemExit):
+        study.parse_args(["--rescore", str(tmp_path), "--test-blocks", "0"])
+    assert study.final_stage_dir(tmp_path) == tmp_path
+    for n in (1, 2, 10):
+        (tmp_path / f"stage{n}").mkdir()
+    assert study.final_stage_dir(tmp_path) == tmp_path / "stage10"
