@@ -16,7 +16,10 @@ Modes:
 Seconds per step come from a short probe run of each arm (--probe-steps), unless --steps is given.
 
 Writes <out>/distill_study.md, .json (val ppl on the held-out plays, tokens, wall time per arm)
-and distill_study.png (val ppl against training tokens, from each run's logs/metrics.csv).
+and distill_study.png (val ppl against training tokens, from each run's logs/metrics.csv). Each
+final model is also scored on --test-blocks held-out blocks that validation never reads ("test
+ppl"): settings picked on validation can't flatter that figure. `--rescore DIR` adds it to an
+earlier study. Finished arms' checkpoints are removed unless --keep-checkpoints.
 
     python bench/distill_study.py --budget-minutes 25            # the real study (SmolLM2, CPU)
     python bench/distill_study.py --budget-minutes 30 --gpu      # on a GPU
