@@ -19,7 +19,8 @@ Writes <out>/distill_study.md, .json (val ppl on the held-out plays, tokens, wal
 and distill_study.png (val ppl against training tokens, from each run's logs/metrics.csv). Each
 final model is also scored on --test-blocks held-out blocks that validation never reads ("test
 ppl"): settings picked on validation can't flatter that figure. `--rescore DIR` adds it to an
-earlier study. Finished arms' checkpoints are removed unless --keep-checkpoints.
+earlier study, and `--plot DIR... --out FILE.png` draws several studies in one plot. Finished
+arms' checkpoints are removed unless --keep-checkpoints.
 
     python bench/distill_study.py --budget-minutes 25            # the real study (SmolLM2, CPU)
     python bench/distill_study.py --budget-minutes 30 --gpu      # on a GPU
@@ -86,6 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--rescore", type=Path, default=None, metavar="DIR",
                    help="train nothing: add the --test-blocks figure to the study in DIR (its distill_study.json) "
                         "and write its report again")
+    p.add_argument("--plot", type=Path, nargs="+", default=None, metavar="DIR",
+                   help="train nothing: draw the curves of the studies in these directories in one PNG (--out FILE)")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides for every arm")
     p.add_argument("--stage1-lr", type=float, default=None,
                    help="full recipe: the continued-pretraining stage's peak lr (default: the recipe's optim.lr)")
@@ -324,25 +327,47 @@ def write_report(results: list[dict], out: Path, meta: dict) -> None:
     (out / "distill_study.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print("\n".join(lines))
 
+    plot_curves([(r["arm"], r["curve"]) for r in results], out / "distill_study.png",
+                f"distillation study, {meta['mode']} mode" + (" (tiny)" if meta["tiny"] else ""))
+    print(f"\nwrote {out / 'distill_study.md'}, .json, .png")
+
+
+def plot_curves(curves: list[tuple[str, list]], path: Path, title: str) -> None:
+    """Val ppl against training tokens, one line per (label, [(tokens, ppl), ...])."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:
-        if r["curve"]:
-            xs, ys = zip(*r["curve"])
-            ax.plot(xs, ys, marker="o", label=r["arm"])
+    for label, curve in curves:
+        if curve:
+            xs, ys = zip(*curve)
+            ax.plot(xs, ys, marker="o", label=label)
     ax.set_xlabel("training tokens")
     ax.set_ylabel("val perplexity (held-out plays)")
     ax.set_yscale("log")
-    ax.set_title(f"distillation study, {meta['mode']} mode" + (" (tiny)" if meta["tiny"] else ""))
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(out / "distill_study.png", dpi=120)
-    print(f"\nwrote {out / 'distill_study.md'}, .json, .png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_studies(dirs: list[Path], path: Path) -> int:
+    """--plot: the curves of several studies in one PNG, labelled DIR_NAME/ARM."""
+    curves = []
+    for d in dirs:
+        try:
+            results = json.loads((d / "distill_study.json").read_text())["results"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"error: --plot {d}: cannot read its distill_study.json: {e}")
+        curves += [(f"{d.name}/{r['arm']}", r["curve"]) for r in results]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot_curves(curves, path, "distillation studies")
+    print(f"wrote {path}")
+    return 0
 
 
 def rescore(out: Path, blocks: int) -> int:
@@ -370,6 +395,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     if args.rescore:
         return rescore(args.rescore, args.test_blocks)
+    if args.plot:
+        if args.out is None or args.out.suffix != ".png":
+            print("error: --plot needs --out FILE.png", file=sys.stderr)
+            return 2
+        return plot_studies(args.plot, args.out)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:

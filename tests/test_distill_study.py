@@ -50,6 +50,12 @@ def test_tiny_study_runs_every_arm_for_a_few_steps(study, tmp_path, monkeypatch)
     assert [r["val_ppl"] for r in again] == [r["val_ppl"] for r in report["results"]]
     with pytest.raises(SystemExit, match="at most"):
         study.test_ppl(tmp_path / "s" / "plain_qat", 100_000)
+    # --plot draws several studies' curves in one PNG
+    assert study.main(["--plot", str(tmp_path / "s"), str(tmp_path / "s"), "--out", str(tmp_path / "both.png")]) == 0
+    assert (tmp_path / "both.png").stat().st_size > 0
+    assert study.main(["--plot", str(tmp_path / "s"), "--out", str(tmp_path / "both")]) == 2
+    with pytest.raises(SystemExit, match="cannot read its distill_study.json"):
+        study.plot_studies([tmp_path], tmp_path / "x.png")
 
 
 def test_prune_checkpoints_removes_only_checkpoints(study, tmp_path):
