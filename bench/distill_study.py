@@ -56,7 +56,7 @@ ARMS = {
 DEFAULT_ARMS = ["plain_qat", "qat_kd", "full_recipe", "fp_finetune"]
 DEFAULT_BUDGET_MINUTES = 25.0
 TINY_STEPS = 12  # --tiny without --steps or --budget-minutes
-STAGE1_FRACTION = 0.4  # full recipe: continued pretraining share of the steps (as in the recipe); --stage1-fraction
+STAGE1_FRACTION = 0.2  # full recipe: continued pretraining share of the steps (as in the recipe); --stage1-fraction
 
 
 def parse_args(argv=None):

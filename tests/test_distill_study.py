@@ -93,7 +93,7 @@ def test_full_recipe_arm_splits_steps_and_sets_stage1_optim(study, tmp_path):
     assert s1.distill.enabled is False and "lr" not in s2.optim and s2.optim.warmup_steps == 5
     # without the options, stage 1 keeps the recipe's optimizer settings
     cfg = compose_config(study.arm_overrides("full_recipe", 30, tmp_path / "b", [], val_every=6))
-    assert cfg.stages[0].trainer.max_steps == 12 and "optim" not in cfg.stages[0]
+    assert cfg.stages[0].trainer.max_steps == round(30 * study.STAGE1_FRACTION) and "optim" not in cfg.stages[0]
     plain = compose_config(study.arm_overrides("plain_qat_no_warmup", 30, tmp_path / "c", [], val_every=6))
     assert plain.trainer.max_steps == 30 and not plain.get("stages")
 
@@ -128,3 +128,12 @@ def test_rescore_names_what_is_missing(study, tmp_path):
     for n in (1, 2, 10):
         (tmp_path / f"stage{n}").mkdir()
     assert study.final_stage_dir(tmp_path) == tmp_path / "stage10"
+
+
+def test_default_split_is_the_recipes(study):
+    from bitnet_train.config import compose_config
+
+    cfg = compose_config(["recipe=smollm2_135m_1p58_distill"])
+    steps = [s.trainer.max_steps for s in cfg.stages]
+    assert sum(steps) == cfg.trainer.max_steps
+    assert steps[0] / sum(steps) == study.STAGE1_FRACTION
