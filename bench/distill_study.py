@@ -108,6 +108,8 @@ def parse_args(argv=None):
         p.error(f"--stage1-lr must be > 0, got {args.stage1_lr}")
     if args.test_blocks < 0 or (args.rescore and args.test_blocks == 0):
         p.error(f"--test-blocks must be >= 0 (> 0 with --rescore), got {args.test_blocks}")
+    if args.plot and (args.out is None or args.out.suffix != ".png"):
+        p.error("--plot needs --out FILE.png")
     if args.stage1_warmup_steps is not None and args.stage1_warmup_steps < 0:
         p.error(f"--stage1-warmup-steps must be >= 0, got {args.stage1_warmup_steps}")
     if not 0.0 < args.stage1_fraction < 1.0:
@@ -213,10 +215,9 @@ def test_ppl(run_dir: Path, blocks: int, batch: int = 8) -> dict:
     with torch.no_grad():
         for start in range(seen, seen + blocks, batch):
             xs, ys = zip(*(dm.val_blocks[i] for i in range(start, min(start + batch, seen + blocks))))
-            logits = model(torch.stack(xs)).float()
-            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.stack(ys).flatten(),
-                                                       reduction="sum").item()
-            count += sum(y.numel() for y in ys)
+            targets = torch.stack(ys)
+            total += model.loss(torch.stack(xs), targets).item() * targets.numel()  # mean CE -> sum
+            count += targets.numel()
     return {"test_ppl": math.exp(total / count), "test_tokens": count, "test_first_block": seen}
 
 
@@ -396,9 +397,6 @@ def main(argv=None) -> int:
     if args.rescore:
         return rescore(args.rescore, args.test_blocks)
     if args.plot:
-        if args.out is None or args.out.suffix != ".png":
-            print("error: --plot needs --out FILE.png", file=sys.stderr)
-            return 2
         return plot_studies(args.plot, args.out)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARMS]
@@ -450,7 +448,8 @@ def main(argv=None) -> int:
     device = "GPU" if args.gpu else f"CPU, {threads} thread(s)"
     meta = {"mode": args.mode, "tiny": args.tiny, "budget_minutes": args.budget_minutes, "device": device,
             "fixed_steps": args.steps, "stage1_fraction": args.stage1_fraction,
-            "stage1_lr": args.stage1_lr, "stage1_warmup_steps": args.stage1_warmup_steps, "seconds_per_step_from": [str(p) for p in args.seconds_per_step_from or []] or None,
+            "stage1_lr": args.stage1_lr, "stage1_warmup_steps": args.stage1_warmup_steps,
+            "seconds_per_step_from": [str(p) for p in args.seconds_per_step_from or []] or None,
             "val_batches": args.val_batches, "command": " ".join(["python", "bench/distill_study.py", *(argv or sys.argv[1:])])}
     write_report(results, out, meta)
     return 0

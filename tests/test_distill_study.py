@@ -21,7 +21,7 @@ def study():
 
 
 @pytest.mark.slow
-def test_tiny_study_runs_every_arm_for_a_few_steps(study, tmp_path, monkeypatch):
+def test_tiny_study_runs_every_arm_for_a_few_steps(study, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
     try:
@@ -53,7 +53,9 @@ def test_tiny_study_runs_every_arm_for_a_few_steps(study, tmp_path, monkeypatch)
     # --plot draws several studies' curves in one PNG
     assert study.main(["--plot", str(tmp_path / "s"), str(tmp_path / "s"), "--out", str(tmp_path / "both.png")]) == 0
     assert (tmp_path / "both.png").stat().st_size > 0
-    assert study.main(["--plot", str(tmp_path / "s"), "--out", str(tmp_path / "both")]) == 2
+    with pytest.raises(SystemExit) as bad_out:
+        study.main(["--plot", str(tmp_path / "s"), "--out", str(tmp_path / "both")])
+    assert bad_out.value.code == 2 and "--plot needs --out FILE.png" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="cannot read its distill_study.json"):
         study.plot_studies([tmp_path], tmp_path / "x.png")
 
