@@ -1,4 +1,4 @@
-"""bench/distill_study.py: the --tiny pipeline check and reading seconds per step from earlier studies."""
+"""bench/distill_study.py: the --tiny pipeline (report, test ppl, --rescore, --plot, checkpoint pruning), arm configs, option errors and seconds per step from earlier studies."""
 
 from __future__ import annotations
 
