@@ -333,18 +333,19 @@ def write_report(results: list[dict], out: Path, meta: dict) -> None:
     print(f"\nwrote {out / 'distill_study.md'}, .json, .png")
 
 
-def plot_curves(curves: list[tuple[str, list]], path: Path, title: str) -> None:
-    """Val ppl against training tokens, one line per (label, [(tokens, ppl), ...])."""
+def plot_curves(curves: list[tuple[str, list]], path: Path, title: str, styles: list[dict] | None = None) -> None:
+    """Val ppl against training tokens, one line per (label, [(tokens, ppl), ...]); `styles`: matplotlib line
+    keywords per curve (default: a marker, and the colour cycle)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, curve in curves:
+    fig, ax = plt.subplots(figsize=(7, 4.5) if len(curves) <= 6 else (9, 5.5))
+    for i, (label, curve) in enumerate(curves):
         if curve:
             xs, ys = zip(*curve)
-            ax.plot(xs, ys, marker="o", label=label)
+            ax.plot(xs, ys, label=label, **(styles[i] if styles else {"marker": "o"}))
     ax.set_xlabel("training tokens")
     ax.set_ylabel("val perplexity (held-out plays)")
     ax.set_yscale("log")
@@ -357,16 +358,20 @@ def plot_curves(curves: list[tuple[str, list]], path: Path, title: str) -> None:
 
 
 def plot_studies(dirs: list[Path], path: Path) -> int:
-    """--plot: the curves of several studies in one PNG, labelled DIR_NAME/ARM."""
-    curves = []
-    for d in dirs:
+    """--plot: the curves of several studies in one PNG, labelled DIR_NAME/ARM: one colour per arm, one line
+    style and marker per study, so more than ten curves stay apart."""
+    curves, styles, arm_colours = [], [], {}
+    for n, d in enumerate(dirs):
         try:
             results = json.loads((d / "distill_study.json").read_text())["results"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"error: --plot {d}: cannot read its distill_study.json: {e}")
-        curves += [(f"{d.name}/{r['arm']}", r["curve"]) for r in results]
+        for r in results:
+            curves.append((f"{d.name}/{r['arm']}", r["curve"]))
+            colour = arm_colours.setdefault(r["arm"], f"C{len(arm_colours) % 10}")
+            styles.append({"color": colour, "linestyle": ("-", "--", ":", "-.")[n % 4], "marker": "osv^Dpx*"[n % 8]})
     path.parent.mkdir(parents=True, exist_ok=True)
-    plot_curves(curves, path, "distillation studies")
+    plot_curves(curves, path, "distillation studies", styles)
     print(f"wrote {path}")
     return 0
 

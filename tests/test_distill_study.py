@@ -53,6 +53,15 @@ def test_tiny_study_runs_every_arm_for_a_few_steps(study, tmp_path, monkeypatch,
     # --plot draws several studies' curves in one PNG
     assert study.main(["--plot", str(tmp_path / "s"), str(tmp_path / "s"), "--out", str(tmp_path / "both.png")]) == 0
     assert (tmp_path / "both.png").stat().st_size > 0
+    # one colour per arm, one line style per study
+    drawn = {}
+    monkeypatch.setattr(study, "plot_curves", lambda curves, path, title, styles: drawn.update(curves=curves, styles=styles))
+    study.plot_studies([tmp_path / "s", tmp_path / "s"], tmp_path / "styles.png")
+    n = len(arms)
+    assert [label for label, _ in drawn["curves"]] == [f"s/{a}" for a in arms] * 2
+    colours = [st["color"] for st in drawn["styles"]]
+    assert colours[:n] == colours[n:] and len(set(colours)) == n
+    assert {st["linestyle"] for st in drawn["styles"][:n]} != {st["linestyle"] for st in drawn["styles"][n:]}
     with pytest.raises(SystemExit) as bad_out:
         study.main(["--plot", str(tmp_path / "s"), "--out", str(tmp_path / "both")])
     assert bad_out.value.code == 2 and "--plot needs --out FILE.png" in capsys.readouterr().err
