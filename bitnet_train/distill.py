@@ -146,7 +146,11 @@ def relation_log_probs(x: torch.Tensor, heads: int, causal: bool = True) -> torc
     """log softmax(X_r X_rᵀ / sqrt(d_r)) per relation head: (B, T, D) -> (B, heads, T, T), fp32.
     causal: position t relates only to positions <= t (the masked entries are -inf)."""
     xr = split_relation_heads(x.float(), heads)  # (B, R, T, d_r)
-    scores = xr @ xr.transpose(-1, -2) / math.sqrt(xr.shape[-1])  # (B, R, T, T)
+    # Under bf16 autocast (trainer.precision=bf16-mixed, the GPU recipe) this matmul would run in bf16,
+    # and the relation rows of student and teacher, which differ by little, would differ mostly by its
+    # rounding: measured, a KL that goes negative. The relation scores are computed in fp32 always.
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        scores = xr @ xr.transpose(-1, -2) / math.sqrt(xr.shape[-1])  # (B, R, T, T)
     if causal:
         T = scores.shape[-1]
         future = torch.ones(T, T, dtype=torch.bool, device=scores.device).triu(1)
