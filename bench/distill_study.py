@@ -73,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--val-batches", type=int, default=4, help="validation batches (of --batch-size blocks)")
     p.add_argument("--val-points", type=int, default=5, help="validations during each run (the plot's points)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--gpu", action="store_true", help="trainer=gpu precision bf16-mixed")
+    p.add_argument("--gpu", action="store_true", help="trainer=gpu precision bf16-mixed, the teacher in bf16")
     p.add_argument("--tiny", action="store_true", help="tiny teacher and model, a few steps: checks the pipeline")
     p.add_argument("--out", type=Path, default=None, help="output directory (default runs/distill_study/<stamp>)")
     p.add_argument("--stage1-fraction", type=float, default=STAGE1_FRACTION,
@@ -393,6 +393,15 @@ def rescore(out: Path, blocks: int) -> int:
     return 0
 
 
+def common_overrides(args, threads: int) -> list[str]:
+    """The config overrides every arm shares (before --tiny's and the command line's)."""
+    common = ["logger=csv", "callbacks.progress_bar=none", f"trainer.threads={threads}", f"data.batch_size={args.batch_size}",
+              f"trainer.limit_val_batches={args.val_batches}", "sample_prompt=null"]
+    if args.gpu:
+        common += ["trainer=gpu", "trainer.precision=bf16-mixed", "distill.teacher_dtype=bfloat16"]
+    return common
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -411,10 +420,7 @@ def main(argv=None) -> int:
     out = (args.out or Path("runs") / "distill_study" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
-    common = ["logger=csv", "callbacks.progress_bar=none", f"trainer.threads={threads}", f"data.batch_size={args.batch_size}",
-              f"trainer.limit_val_batches={args.val_batches}", "sample_prompt=null"]
-    if args.gpu:
-        common += ["trainer=gpu", "trainer.precision=bf16-mixed"]
+    common = common_overrides(args, threads)
     if args.tiny:
         common += tiny_setup(out, threads)  # its data.batch_size (4) wins over --batch-size
     common += args.overrides

@@ -109,6 +109,18 @@ def test_full_recipe_arm_splits_steps_and_sets_stage1_optim(study, tmp_path):
     assert plain.trainer.max_steps == 30 and not plain.get("stages")
 
 
+def test_every_arm_composes_for_the_gpu(study, tmp_path):
+    from bitnet_train.config import compose_config
+
+    common = study.common_overrides(study.parse_args(["--gpu"]), threads=4)
+    for arm in study.ARMS:
+        cfg = compose_config(study.arm_overrides(arm, 50, tmp_path / arm, common, val_every=10))
+        assert (cfg.trainer.accelerator, cfg.trainer.precision) == ("gpu", "bf16-mixed"), arm
+        assert cfg.distill.teacher_dtype == "bfloat16" and cfg.data.batch_size == 8, arm
+        assert cfg.quant.method == ("none" if arm == "fp_finetune" else "b1.58"), arm
+    assert "trainer=gpu" not in study.common_overrides(study.parse_args([]), threads=4)
+
+
 @pytest.mark.parametrize("argv, message", [(["--stage1-warmup-steps", "-1"], "--stage1-warmup-steps must be >= 0"),
                                            (["--stage1-lr", "0"], "--stage1-lr must be > 0"),
                                            (["--stage1-fraction", "1"], "--stage1-fraction must be in")])
