@@ -7,6 +7,12 @@
 * greedy: the runtime generates --greedy tokens from a prompt; one reference forward over prompt +
   generation must predict every generated token (the same as greedy agreement step by step).
 The reference is export/reference.py's model built from the same file.
+
+--baseline also measures how far the reference is from itself, which bounds what any fp32
+implementation can reach on this model: the reference at torch's default thread count vs at 1 thread
+(2 where the default is 1: only the summation order of its dense ops changes), and the reference vs the reference with --noise
+relative noise on its input embeddings. Every comparison reports the mean |logit difference| and the
+agreement where the first side's top-2 margin exceeds 0.5 (a near-tie can flip on an ulp).
 """
 
 from __future__ import annotations
@@ -35,6 +41,73 @@ def nll_and_argmax(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray,
     return -logp[np.arange(len(targets)), targets], logits.argmax(axis=-1)
 
 
+MARGIN_BINS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, math.inf)  # side a's top-2 logit margin
+
+
+def margin_bin_names() -> list[str]:
+    return [f"{lo:g}-{hi:g}" for lo, hi in zip(MARGIN_BINS[:-1], MARGIN_BINS[1:])]
+
+
+def top2_margins(logits: np.ndarray) -> np.ndarray:
+    """(T, V) -> (T,): the gap between the largest and the second-largest logit."""
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+class Agreement:
+    """Top-1 agreement of side b with side a over windows, with the logit differences behind it, and
+    how often the top-1 flips at each size of side a's top-2 margin."""
+
+    def __init__(self):
+        self.agree = self.scored = self.wide = self.wide_agree = 0
+        self.abs_diff = 0.0
+        self.worst_margin = 0.0  # the largest top-2 margin (side a) where the two disagree
+        self.in_bin = np.zeros(len(MARGIN_BINS) - 1, dtype=np.int64)
+        self.flips_in_bin = np.zeros(len(MARGIN_BINS) - 1, dtype=np.int64)
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        margin = top2_margins(a)
+        same = a.argmax(-1) == b.argmax(-1)
+        bins = np.digitize(margin, MARGIN_BINS[1:-1])
+        self.in_bin += np.bincount(bins, minlength=len(self.in_bin))
+        self.flips_in_bin += np.bincount(bins[~same], minlength=len(self.in_bin))
+        self.agree += int(same.sum())
+        self.scored += len(same)
+        self.wide += int((margin > 0.5).sum())
+        self.wide_agree += int((same & (margin > 0.5)).sum())
+        self.abs_diff += float(np.abs(a.astype(np.float64) - b).mean(-1).sum())
+        if (~same).any():
+            self.worst_margin = max(self.worst_margin, float(margin[~same].max()))
+
+    def summary(self) -> dict:
+        return {"top1_agreement": self.agree / self.scored, "mean_abs_logit_diff": self.abs_diff / self.scored,
+                "agreement_margin_over_0.5": self.wide_agree / max(1, self.wide),
+                "positions_margin_over_0.5": self.wide / self.scored,
+                "largest_margin_disagreeing": self.worst_margin,
+                "margin_bins": {name: {"positions": int(n), "flips": int(f)}
+                                for name, n, f in zip(margin_bin_names(), self.in_bin, self.flips_in_bin)}}
+
+
+def reference_logits(ref, x: np.ndarray, threads: int | None = None, noise: float = 0.0, seed: int = 0) -> np.ndarray:
+    """The reference's logits for one window; `threads` sets torch's for this call, `noise` perturbs the
+    input embeddings by that relative amount (seeded)."""
+    before = torch.get_num_threads()
+    hook = None
+    if noise:
+        g = torch.Generator().manual_seed(seed)
+        hook = ref.embed_tokens.register_forward_hook(
+            lambda mod, args, out: out * (1 + noise * torch.randn(out.shape, generator=g)))
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        with torch.no_grad():
+            return ref(torch.from_numpy(x)[None, :])[0].float().numpy()
+    finally:
+        torch.set_num_threads(before)
+        if hook is not None:
+            hook.remove()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
@@ -44,7 +117,11 @@ def main() -> None:
     ap.add_argument("--prompt", default="**HAMLET**  \n")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--baseline", action="store_true", help="also compare the reference with itself (see above)")
+    ap.add_argument("--noise", type=float, default=1e-6, help="--baseline: relative noise on the input embeddings")
     args = ap.parse_args()
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
 
     engine = Engine.load(args.model, threads=args.threads)
     tok = Tokenizer.from_model_file(engine)
@@ -52,18 +129,25 @@ def main() -> None:
     window = min(args.window, engine.config["max_seq_len"])
 
     ids = np.array(tok.encode(list_plays()["hamlet"].read_text(encoding="utf-8")), dtype=np.int64)[: args.tokens + 1]
-    agree = scored = 0
+    runtime_vs_ref = Agreement()
+    other_threads = 1 if torch.get_num_threads() > 1 else 2
+    baselines = {f"reference_{torch.get_num_threads()}_vs_{other_threads}_threads": Agreement(),
+                 "reference_vs_noisy_reference": Agreement()}
+    scored = 0
     nll_rt = nll_ref = 0.0
     t0 = time.time()
-    for begin in range(0, len(ids) - 1, window):
+    for n, begin in enumerate(range(0, len(ids) - 1, window)):
         chunk = ids[begin: begin + window + 1]
         x, y = chunk[:-1], chunk[1:]
         rt_logits = np.asarray(engine.forward(x[None, :]))[0]  # (T, V)
-        with torch.no_grad():
-            ref_logits = ref(torch.from_numpy(x)[None, :])[0].float().numpy()
-        n_rt, a_rt = nll_and_argmax(rt_logits, y)
-        n_ref, a_ref = nll_and_argmax(ref_logits, y)
-        agree += int((a_rt == a_ref).sum())
+        ref_logits = reference_logits(ref, x)
+        n_rt, _ = nll_and_argmax(rt_logits, y)
+        n_ref, _ = nll_and_argmax(ref_logits, y)
+        runtime_vs_ref.add(ref_logits, rt_logits)
+        if args.baseline:
+            threads_key, noise_key = baselines
+            baselines[threads_key].add(ref_logits, reference_logits(ref, x, other_threads))
+            baselines[noise_key].add(ref_logits, reference_logits(ref, x, noise=args.noise, seed=n))
         scored += len(y)
         nll_rt += float(n_rt.sum())
         nll_ref += float(n_ref.sum())
@@ -83,7 +167,7 @@ def main() -> None:
         "model": args.model,
         "eval_tokens": scored,
         "window": window,
-        "top1_agreement": agree / scored,
+        **runtime_vs_ref.summary(),
         "ppl_runtime": ppl_rt,
         "ppl_reference": ppl_ref,
         "ppl_rel_diff": abs(ppl_rt - ppl_ref) / ppl_ref,
@@ -93,6 +177,9 @@ def main() -> None:
         "isa": engine.isa(),
         "seconds": round(time.time() - t0, 1),
     }
+    if args.baseline:
+        result["noise"] = args.noise
+        result.update({name: b.summary() for name, b in baselines.items()})
     if args.json:
         print(json.dumps(result))
     else:

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 from pathlib import Path
 
@@ -34,3 +35,14 @@ def write_verse_corpus(d: Path, docs: int, lines: int, words_per_line: tuple[int
 def verse_corpus():
     """verse_corpus(tmp_dir, docs, lines, words_per_line) -> the directory, filled."""
     return write_verse_corpus
+
+
+@pytest.fixture(scope="session")
+def bench_script():
+    """bench_script("distill_study") -> bench/distill_study.py loaded as a module (bench/ is no package)."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load
