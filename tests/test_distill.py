@@ -5,6 +5,7 @@ Golden values are written out here from the formulas (math / numpy), not taken f
 
 from __future__ import annotations
 
+import csv
 import math
 import subprocess
 import sys
@@ -376,7 +377,6 @@ def test_distillation_trains_under_bf16_mixed_with_a_bfloat16_teacher(corpus, tm
         "trainer.log_every_n_steps": 1})))
     os.environ.pop("BITNET_RUN_DIR", None)
     assert summary["steps"] == 4 and math.isfinite(summary["val_loss"])
-    import csv
     rows = list(csv.DictReader((out / "logs" / "metrics.csv").open()))
     for term in ("train/kl", "train/attn_rel"):
         logged = [float(r[term]) for r in rows if r.get(term)]

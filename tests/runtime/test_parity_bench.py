@@ -12,6 +12,7 @@ import torch
 
 import tiny_files
 
+
 @pytest.fixture(scope="module")
 def parity(bench_script):
     return bench_script("parity_file")
