@@ -230,7 +230,9 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("nbytes", &KVCache::bytes)
       .def_property_readonly("dtype", [](const KVCache& c) { return std::string(kv_type_name(c.type())); })
       .def("length", &KVCache::length, py::arg("seq"))
-      .def("reset", &KVCache::reset, py::arg("seq") = -1, "Forget a sequence's tokens (seq < 0: all).");
+      .def("reset", &KVCache::reset, py::arg("seq") = -1, "Forget a sequence's tokens (seq < 0: all).")
+      .def("truncate", &KVCache::truncate, py::arg("seq"), py::arg("length"),
+           "Keep only the first `length` tokens of a sequence (prefix reuse).");
 
   py::class_<PyModel>(m, "Model")
       .def(py::init([](const ModelConfig& cfg, const std::vector<std::tuple<std::string, py::array, std::string>>& tensors,
@@ -296,7 +298,9 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("max_len", &cuda::DeviceKVCache::max_len)
       .def_property_readonly("nbytes", &cuda::DeviceKVCache::bytes)
       .def("length", &cuda::DeviceKVCache::length, py::arg("seq"))
-      .def("reset", &cuda::DeviceKVCache::reset, py::arg("seq") = -1, "Forget a sequence's tokens (seq < 0: all).");
+      .def("reset", &cuda::DeviceKVCache::reset, py::arg("seq") = -1, "Forget a sequence's tokens (seq < 0: all).")
+      .def("truncate", &cuda::DeviceKVCache::truncate, py::arg("seq"), py::arg("length"),
+           "Keep only the first `length` tokens of a sequence (prefix reuse).");
 
   py::class_<PyCudaModel>(m, "CudaModel")
       .def(py::init([](const ModelConfig& cfg, const std::vector<std::tuple<std::string, py::array, std::string>>& tensors,

@@ -166,6 +166,15 @@ void KVCache::reset(int64_t seq) {
   lengths_[static_cast<size_t>(seq)] = 0;
 }
 
+void KVCache::truncate(int64_t seq, int64_t length) {
+  std::lock_guard<std::mutex> lock(busy_);
+  const int64_t held = this->length(seq);  // range check
+  if (length < 0 || length > held)
+    fail("truncate: sequence slot " + std::to_string(seq) + " holds " + std::to_string(held) + " tokens; cannot keep " +
+         std::to_string(length));
+  lengths_[static_cast<size_t>(seq)] = length;
+}
+
 Model::Model(const ModelConfig& cfg, const TensorMap& tensors, const std::string& isa)
     : cfg_(cfg), kernels_(&select_kernels(isa)), threads_(std::max(1, max_threads())) {
   cfg_.validate();

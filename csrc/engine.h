@@ -89,6 +89,9 @@ class KVCache {
   KVType type() const { return type_; }
   int64_t length(int64_t seq) const;
   void reset(int64_t seq);  // seq < 0: all
+  // Keep only the first `length` tokens of a sequence (0 <= length <= length(seq)): the prefix
+  // reuse of a server. The positions past it are overwritten by the next tokens fed.
+  void truncate(int64_t seq, int64_t length);
   // Element offset of (layer, seq, kv_head)'s rows in the K or V storage.
   int64_t offset(int64_t layer, int64_t seq, int64_t kv_head) const {
     return ((layer * n_seqs_ + seq) * n_kv_ + kv_head) * max_len_ * head_dim_;

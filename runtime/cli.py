@@ -5,6 +5,7 @@
     bitnet-run eval model.bitnet text.txt [--window N --stride N] [--json]
     bitnet-run bench model.bitnet [--prefill 128 --decode 64] [--json]   # or: bench --shape bitnet-large
     bitnet-run random-model --shape bitnet-large -o large.bitnet          # random ternary weights, for speed runs
+    bitnet-run serve model.bitnet [--port 8000 --max-batch 8 --api-key KEY]  # OpenAI-compatible HTTP server
 
 Common options: --device cpu|cuda, --threads N, --isa scalar|avx2|avx512. Errors print one line
 `error: ...` on stderr and exit 2 (BITNET_TRACEBACK=1 shows the traceback). No torch needed.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -311,6 +313,70 @@ def cmd_random_model(args) -> None:
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, shape {args.shape}, random ternary weights)")
 
 
+def add_serve_args(p):
+    _add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--ctx", type=int, default=None, help="tokens per sequence (default: the model's context)")
+    p.add_argument("--max-batch", type=int, default=8, help="concurrent sequences (KV-cache slots)")
+    p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot; beyond: HTTP 429")
+    p.add_argument("--step-tokens", type=int, default=64,
+                   help="tokens per engine step while sequences decode: one each, the rest prefill waiting prompts")
+    p.add_argument("--idle-step-tokens", type=int, default=512, help="prefill tokens of a step with nothing to decode")
+    p.add_argument("--api-key", default=os.environ.get("BITNET_API_KEY"),
+                   help="require Authorization: Bearer KEY on /v1 (default: BITNET_API_KEY, else none)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the file name's stem)")
+    p.add_argument("--max-body", type=int, default=8 * 2**20, help="largest request body in bytes; beyond: HTTP 413")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def cmd_serve(args) -> None:
+    """Serve the model over the OpenAI HTTP API (chat, completions, streaming) with continuous batching."""
+    from .serve import missing_serve_modules
+
+    missing = missing_serve_modules()
+    if missing:
+        raise CLIError(f"serve needs {', '.join(missing)}: pip install 'bitnet-train[serve]'")
+    for name, v, lo in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
+                        ("--step-tokens", args.step_tokens, 1), ("--idle-step-tokens", args.idle_step_tokens, 1),
+                        ("--max-body", args.max_body, 1)):
+        if v < lo:
+            raise CLIError(f"{name} must be >= {lo}, got {v}")
+    if args.ctx is not None and args.ctx < 1:
+        raise CLIError(f"--ctx must be >= 1, got {args.ctx}")
+    from .device import require_device
+
+    require_device(args.device)
+    path = Path(args.model)
+    if not path.is_file():
+        raise CLIError(f"model file {path} does not exist" if not path.exists() else f"model {path} is not a file")
+    import uvicorn
+
+    from .serve.app import create_app
+
+    failed: list[Exception] = []
+
+    def load():  # in the server's loading thread; a model that cannot be served stops the server
+        try:
+            eng = _load_engine(args)
+            if args.ctx is not None and args.ctx > eng.max_seq_len:
+                raise CLIError(f"--ctx {args.ctx} is larger than the model's context ({eng.max_seq_len})")
+            return eng
+        except Exception as e:
+            failed.append(e)
+            os.kill(os.getpid(), signal.SIGINT)
+            raise
+
+    app = create_app(load, model_name=args.model_name or path.stem, api_key=args.api_key, max_body_bytes=args.max_body,
+                     max_batch=args.max_batch, ctx=args.ctx, max_queue=args.max_queue, step_tokens=args.step_tokens,
+                     idle_step_tokens=args.idle_step_tokens)
+    print(f"serving {path} as {app.state.server.model_name!r} on http://{args.host}:{args.port} "
+          f"(max batch {args.max_batch}; /health says when the model is loaded)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    if failed:
+        raise failed[0]
+
+
 # ---- the one place subcommands are registered -----------------------------------------------------
 
 SUBCOMMANDS = {
@@ -319,6 +385,7 @@ SUBCOMMANDS = {
     "eval": (add_eval_args, cmd_eval),
     "bench": (add_bench_args, cmd_bench),
     "random-model": (add_random_model_args, cmd_random_model),
+    "serve": (add_serve_args, cmd_serve),
 }
 
 

@@ -64,8 +64,9 @@ class GenerationStats:
         }
 
 
-class _Sequence:
-    """One prompt's running state."""
+class RunningSequence:
+    """One prompt's running state: its ids, sampler, incremental text and stop strings (the Generator's
+    and the server's scheduler's)."""
 
     def __init__(self, index: int, prompt_ids: list[int], sampler: Sampler, tokenizer: Tokenizer | None,
                  stop: Sequence[str]):
@@ -203,7 +204,7 @@ class Generator:
                 if cache.length(i) >= len(ids):
                     raise ValueError(f"cache slot {i} holds {cache.length(i)} tokens; prompt {i} has only {len(ids)}")
         eos = set() if ignore_eos else set(self.tokenizer.eos_ids if self.tokenizer else ()) | set(stop_token_ids)
-        seqs = [_Sequence(i, ids, Sampler(sampling, stream=i), self.tokenizer, stop) for i, ids in enumerate(encoded)]
+        seqs = [RunningSequence(i, ids, Sampler(sampling, stream=i), self.tokenizer, stop) for i, ids in enumerate(encoded)]
         stats = GenerationStats(prompt_tokens=sum(len(ids) for ids in encoded))
         events = self._run(seqs, int(max_new_tokens), eos, stats, on_token, cache)
         return GenerationStream(events, [s.out for s in seqs], stats)
@@ -212,7 +213,7 @@ class Generator:
         """Like `stream`, run to the end: one Completion per prompt, in prompt order."""
         return self.stream(prompts, **kwargs).run()
 
-    def _run(self, seqs: list[_Sequence], max_new: int, eos: set[int], stats: GenerationStats,
+    def _run(self, seqs: list[RunningSequence], max_new: int, eos: set[int], stats: GenerationStats,
              on_token: Callable[[TokenEvent], None] | None, cache) -> Iterator[TokenEvent]:
         eng = self.engine
         if cache is None:
@@ -230,7 +231,7 @@ class Generator:
             feed = []
             for row, i in enumerate(live):
                 s = seqs[i]
-                tok = s.sampler.sample(logits[row], s.ids)
+                tok = s.sampler.sample(logits[row], s.ids, s.out.token_ids)
                 at_limit = len(s.out.token_ids) + 1 >= max_new or len(s.ids) + 1 > max_len
                 delta = s.add(tok, tok in eos, at_limit)
                 stats.generated_tokens += 1

@@ -1,12 +1,14 @@
-"""Next-token choice from logits: greedy, temperature, top-k, top-p, repetition penalty. numpy only.
+"""Next-token choice from logits: greedy, temperature, top-k, top-p, repetition, presence and
+frequency penalties. numpy only.
 
     params = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, repetition_penalty=1.1, seed=0)
     sampler = Sampler(params, stream=0)            # one per sequence: its own seeded generator
-    tok = sampler.sample(logits, context=ids)      # logits (vocab,), context: prompt + generated ids
+    tok = sampler.sample(logits, context=ids, generated=out)  # logits (vocab,), context: prompt + generated ids
 
 The order and semantics follow transformers' logits processors: repetition penalty on the raw
 logits (a seen token's logit is divided by the penalty when positive, multiplied when negative),
-then temperature, then top-k (ties with the k-th logit are kept), then top-p (the smallest set of
+then OpenAI's presence and frequency penalties over the generated tokens only (a token generated
+c times loses c * frequency_penalty + presence_penalty), then temperature, then top-k (ties with the k-th logit are kept), then top-p (the smallest set of
 most probable tokens whose mass reaches top_p; the most probable token is always kept).
 temperature == 0 is greedy (argmax of the penalized logits; the lowest id wins a tie).
 """
@@ -27,6 +29,8 @@ class SamplingParams:
     top_p: float = 1.0  # 1: off
     repetition_penalty: float = 1.0  # 1: off
     seed: int | None = None  # None: fresh entropy, not reproducible
+    presence_penalty: float = 0.0  # OpenAI's, in [-2, 2]; 0: off
+    frequency_penalty: float = 0.0  # OpenAI's, in [-2, 2]; 0: off
 
     def __post_init__(self):
         t, k, p, r = self.temperature, self.top_k, self.top_p, self.repetition_penalty
@@ -41,6 +45,10 @@ class SamplingParams:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
                                       or self.seed < 0):
             raise ValueError(f"seed must be an integer >= 0 or None, got {self.seed!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and -2 <= v <= 2):
+                raise ValueError(f"{name} must be a number in [-2, 2] (0 = off), got {v!r}")
 
     @property
     def greedy(self) -> bool:
@@ -60,9 +68,23 @@ def apply_repetition_penalty(logits: np.ndarray, context: Sequence[int] | np.nda
     return out
 
 
-def probabilities(logits: np.ndarray, params: SamplingParams, context: Sequence[int] | np.ndarray = ()) -> np.ndarray:
+def apply_penalties(logits: np.ndarray, params: SamplingParams, context: Sequence[int] | np.ndarray = (),
+                    generated: Sequence[int] | np.ndarray = ()) -> np.ndarray:
+    """A copy of logits with the repetition penalty (over context) and then the presence and
+    frequency penalties (over the generated tokens) applied."""
+    out = apply_repetition_penalty(logits, context, params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and len(generated):
+        ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+        keep = (ids >= 0) & (ids < out.shape[-1])
+        ids, counts = ids[keep], counts[keep]
+        out[ids] -= counts * params.frequency_penalty + params.presence_penalty
+    return out
+
+
+def probabilities(logits: np.ndarray, params: SamplingParams, context: Sequence[int] | np.ndarray = (),
+                  generated: Sequence[int] | np.ndarray = ()) -> np.ndarray:
     """The distribution (vocab,) float64 that `Sampler.sample` draws from (one-hot for greedy)."""
-    x = apply_repetition_penalty(np.asarray(logits, np.float64), context, params.repetition_penalty)
+    x = apply_penalties(np.asarray(logits, np.float64), params, context, generated)
     probs = np.zeros_like(x)
     if params.greedy:
         probs[int(np.argmax(x))] = 1.0
@@ -95,13 +117,16 @@ class Sampler:
         seed = params.seed if params.seed is not None else np.random.SeedSequence().entropy
         self.rng = np.random.default_rng([int(seed), int(stream)])
 
-    def sample(self, logits: np.ndarray, context: Sequence[int] | np.ndarray = ()) -> int:
+    def sample(self, logits: np.ndarray, context: Sequence[int] | np.ndarray = (),
+               generated: Sequence[int] | np.ndarray = ()) -> int:
+        """context: prompt + generated ids (the repetition penalty's); generated: the generated ids
+        alone (the presence and frequency penalties')."""
         logits = np.asarray(logits)
         if logits.ndim != 1:
             raise ValueError(f"logits must be 1-D (vocab,), got shape {logits.shape}")
         if self.params.greedy:
-            return int(np.argmax(apply_repetition_penalty(logits, context, self.params.repetition_penalty)))
-        p = probabilities(logits, self.params, context)
+            return int(np.argmax(apply_penalties(logits, self.params, context, generated)))
+        p = probabilities(logits, self.params, context, generated)
         cdf = np.cumsum(p)
         # inverse CDF with one uniform draw per token: the same draws whatever the distribution
         i = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))

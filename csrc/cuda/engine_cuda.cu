@@ -187,6 +187,15 @@ void DeviceKVCache::reset(int64_t seq) {
   impl_->lengths[static_cast<size_t>(seq)] = 0;
 }
 
+void DeviceKVCache::truncate(int64_t seq, int64_t length) {
+  std::lock_guard<std::mutex> lock(impl_->busy);
+  const int64_t held = this->length(seq);  // range check
+  if (length < 0 || length > held)
+    fail("truncate: sequence slot " + std::to_string(seq) + " holds " + std::to_string(held) + " tokens; cannot keep " +
+         std::to_string(length));
+  impl_->lengths[static_cast<size_t>(seq)] = length;
+}
+
 // ---- model --------------------------------------------------------------------------------------
 
 namespace {

@@ -41,6 +41,7 @@ class DeviceKVCache {
   int64_t max_len() const;
   int64_t length(int64_t seq) const;
   void reset(int64_t seq);  // seq < 0: all
+  void truncate(int64_t seq, int64_t length);  // keep the first `length` tokens (as KVCache::truncate)
   int64_t bytes() const;
 
   struct Impl;

@@ -2,7 +2,8 @@
 
 A byte-level BPE (`tokenizers`, trained here in milliseconds) and a random BitNetModel (torch)
 exported with the project's writer. `build(dir)` writes model.bitnet (ChatML template) and
-no_template.bitnet (same weights, tokenizer without a chat template) once per directory.
+no_template.bitnet (same weights, tokenizer without a chat template) once per directory
+(max_seq_len: the context, 64 unless given).
 """
 
 from __future__ import annotations
@@ -41,13 +42,13 @@ def tokenizer_json() -> str:
     return tok.to_str()
 
 
-def make_model(seed: int = 3):
+def make_model(seed: int = 3, max_seq_len: int = MODEL["max_seq_len"]):
     import torch
 
     from bitnet_train.model import BitNetModel, ModelConfig, QuantConfig
 
     torch.manual_seed(seed)
-    model = BitNetModel(ModelConfig(**MODEL), QuantConfig())
+    model = BitNetModel(ModelConfig(**{**MODEL, "max_seq_len": max_seq_len}), QuantConfig())
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:
@@ -56,13 +57,13 @@ def make_model(seed: int = 3):
 
 
 @functools.lru_cache(maxsize=None)
-def build(directory: str) -> dict[str, Path]:
+def build(directory: str, max_seq_len: int = MODEL["max_seq_len"]) -> dict[str, Path]:
     from bitnet_train.export.from_model import model_arrays
     from bitnet_train.export.writer import write_bitnet
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    model, tok = make_model(), tokenizer_json()
+    model, tok = make_model(max_seq_len=max_seq_len), tokenizer_json()
     cfg = {"eos_token": "<|im_end|>", "bos_token": None, "chat_template": CHATML}
     out = {}
     for name, tok_cfg in {"model": cfg, "no_template": {"eos_token": "<|endoftext|>"}}.items():
