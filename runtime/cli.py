@@ -372,7 +372,11 @@ def cmd_serve(args) -> None:
                      idle_step_tokens=args.idle_step_tokens)
     print(f"serving {path} as {app.state.server.model_name!r} on http://{args.host}:{args.port} "
           f"(max batch {args.max_batch}; /health says when the model is loaded)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    try:  # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    except KeyboardInterrupt:
+        if not failed:
+            raise
     if failed:
         raise failed[0]
 

@@ -141,16 +141,28 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _field_path(loc) -> str:
+    """A pydantic error location without its union-branch tags: ("stop", "list[...]", 0) -> "stop.0"."""
+    return ".".join(str(x) for x in loc if not (isinstance(x, str) and (x in _TYPE_TAGS or "[" in x
+                                                                          or x.startswith(("constrained-", "function-")))))
+
+
 def validation_error(e: ValidationError) -> APIError:
-    """The first problem of a pydantic ValidationError as one line naming the field."""
-    err = e.errors(include_url=False)[0]
-    loc = ".".join(str(x) for x in err.get("loc", ()) if not str(x).startswith(("function-", "union[")))
-    if err.get("type") == "json_invalid":
-        return APIError(400, f"the request body is not valid JSON: {err.get('msg')}", code="invalid_json")
-    if err.get("type") == "model_type" and not loc:
+    """One line naming the field. A union field fails once per branch: the deepest failure (a
+    constraint before a type mismatch) says the most."""
+    errors = e.errors(include_url=False)
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {first.get('msg')}", code="invalid_json")
+    if first.get("type") == "model_type" and not first.get("loc"):
         return APIError(400, "the request body must be a JSON object", code="invalid_request")
-    msg = err.get("msg", "invalid value")
-    return APIError(400, f"{loc or 'body'}: {msg}", param=loc or None, code="invalid_value")
+    group = [err for err in errors if err.get("loc", ())[:1] == first.get("loc", ())[:1]]
+    err = max(group, key=lambda x: (len(x.get("loc", ())), not str(x.get("type", "")).endswith("_type")))
+    loc = _field_path(err.get("loc", ()))
+    return APIError(400, f"{loc or 'body'}: {err.get('msg', 'invalid value')}", param=loc or None, code="invalid_value")
 
 
 def parse(model: type[_Model], raw: bytes) -> _Model:

@@ -115,6 +115,9 @@ class _Seq:
         return self.fed < self.prompt_len
 
 
+_CANCELLED = object()  # queued by RequestHandle.cancel: the iteration ends
+
+
 class RequestHandle:
     """The caller's side of a submitted request: an async iterator of (choice, StepOutput | SchedulerError).
     It ends after every choice has finished; leaving it early (or cancel()) frees the slots."""
@@ -141,10 +144,14 @@ class RequestHandle:
         if self._open == 0:
             raise StopAsyncIteration
         try:
-            choice, out = await self._queue.get()
+            item = await self._queue.get()
         except BaseException:  # cancelled (a client gone) or closed: give the slots back
             self.cancel()
             raise
+        if item is _CANCELLED:
+            self._open = 0
+            raise StopAsyncIteration
+        choice, out = item
         if isinstance(out, SchedulerError) or out.finish_reason is not None:
             self._open -= 1
         return choice, out
@@ -153,9 +160,14 @@ class RequestHandle:
         self.cancel()
 
     def cancel(self) -> None:
-        """Stop generating; the slots are freed at the start of the next step. Idempotent."""
+        """Stop generating: the iteration ends, the slots are freed at the start of the next step.
+        Idempotent; callable from any thread."""
         if not self.cancelled and self._open:
             self.cancelled = True
+            try:
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, _CANCELLED)
+            except RuntimeError:  # the loop is closed
+                pass
             self._scheduler._wake()
 
 
@@ -251,8 +263,7 @@ class Scheduler:
         with self._cond:
             if self._stopping or self.dead:
                 raise SchedulerClosedError(f"the engine is not running{': ' + self.dead if self.dead else ''}")
-            free_now = max(0, len(self._free) - len(self._waiting))
-            if len(self._waiting) + len(requests) - free_now > self.max_queue:
+            if len(self._waiting) + len(requests) - len(self._free) > self.max_queue:  # waiting once slots are taken
                 raise QueueFullError(f"the server is busy: {len(self._waiting)} sequences are waiting (at most "
                                      f"{self.max_queue}); retry later")
             for i, r in enumerate(requests):
