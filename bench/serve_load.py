@@ -57,6 +57,19 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def step_stats(url: str) -> tuple[float, float]:
+    """(sum of engine step seconds, step count) from the server's /metrics."""
+    import httpx
+
+    total = count = 0.0
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("bitnet_step_seconds_sum "):
+            total = float(line.split()[1])
+        elif line.startswith("bitnet_step_seconds_count "):
+            count = float(line.split()[1])
+    return total, count
+
+
 def pct(xs, q) -> float | None:
     return round(float(np.percentile(xs, q)), 4) if len(xs) else None
 
@@ -69,7 +82,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "bitnet_train.runtime.cli", "serve", str(model), "--port", str(self.port),
                "--threads", str(args.threads), "--max-batch", str(args.max_batch), "--ctx", str(args.ctx),
-               "--kv-cache", args.kv_cache, "--log-level", "warning", "--max-queue", str(4 * args.max_batch)]
+               "--kv-cache", args.kv_cache, "--log-level", "warning", "--model-name", "bench", "--max-queue", str(4 * args.max_batch)]
         if args.step_tokens:
             cmd += ["--step-tokens", str(args.step_tokens)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -132,7 +145,8 @@ def summarize(results: list[dict], wall: float) -> dict:
     ttft = [r["times"][0] - r["start"] for r in results if r["times"]]
     itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
     tokens = sum(len(r["times"]) for r in results)
-    return {"requests": len(results), "errors": sum(r["error"] is not None for r in results),
+    errors = [r["error"] for r in results if r["error"] is not None]
+    return {"requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else None,
             "tokens": tokens, "wall_s": round(wall, 3), "tok_s": round(tokens / wall, 2),
             "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99)}
 
@@ -243,10 +257,13 @@ def main(argv=None) -> None:
         asyncio.run(run_clients(url, 1, 1, args.prompt_tokens, 8, vocab, args.timeout))  # warm-up
         if "clients" not in skip:
             for n in [int(x) for x in args.clients.split(",")]:
-                rss0 = rss_mb(server.proc.pid)
+                rss0, (busy0, steps0) = rss_mb(server.proc.pid), step_stats(url)
                 row = asyncio.run(run_clients(url, n, args.requests_per_client, args.prompt_tokens, args.max_tokens,
                                               vocab, args.timeout))
-                row = {"clients": n, **row, "rss_mb_before": round(rss0, 1), "rss_mb_after": round(rss_mb(server.proc.pid), 1)}
+                busy1, steps1 = step_stats(url)
+                row = {"clients": n, **row, "rss_mb_before": round(rss0, 1), "rss_mb_after": round(rss_mb(server.proc.pid), 1),
+                       "step_ms": round(1000 * (busy1 - busy0) / max(steps1 - steps0, 1), 2),
+                       "engine_busy": round((busy1 - busy0) / row["wall_s"], 3)}
                 report["clients"].append(row)
                 if not args.json:
                     print(row, flush=True)
@@ -272,6 +289,7 @@ def main(argv=None) -> None:
     print("| clients | tok/s | × 1 client | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | errors | RSS MB before → after |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     base = report["clients"][0]["tok_s"] if report["clients"] else None
+    base = base or float("nan")
     for r in report["clients"]:
         print(f"| {r['clients']} | {r['tok_s']} | {r['tok_s'] / base:.2f} | {r['ttft_p50']} | {r['ttft_p99']} | "
               f"{r['itl_p50']} | {r['itl_p99']} | {r['errors']} | {r['rss_mb_before']} → {r['rss_mb_after']} |")

@@ -320,8 +320,12 @@ def add_serve_args(p):
     p.add_argument("--ctx", type=int, default=None, help="tokens per sequence (default: the model's context)")
     p.add_argument("--max-batch", type=int, default=8, help="concurrent sequences (KV-cache slots)")
     p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot; beyond: HTTP 429")
-    p.add_argument("--step-tokens", type=int, default=64,
-                   help="tokens per engine step while sequences decode: one each, the rest prefill waiting prompts")
+    p.add_argument("--step-tokens", type=int, default=256,
+                   help="at most this many tokens per engine step while sequences decode (one each, the rest "
+                   "prefill waiting prompts)")
+    p.add_argument("--step-time-factor", type=float, default=2.0,
+                   help="a step that prefills a prompt while streams decode takes about this many times a "
+                   "decode-only step (measured as the server runs): the streams' inter-token latency bound")
     p.add_argument("--idle-step-tokens", type=int, default=512, help="prefill tokens of a step with nothing to decode")
     p.add_argument("--api-key", default=os.environ.get("BITNET_API_KEY"),
                    help="require Authorization: Bearer KEY on /v1 (default: BITNET_API_KEY, else none)")
@@ -344,6 +348,8 @@ def cmd_serve(args) -> None:
             raise CLIError(f"{name} must be >= {lo}, got {v}")
     if args.ctx is not None and args.ctx < 1:
         raise CLIError(f"--ctx must be >= 1, got {args.ctx}")
+    if not args.step_time_factor > 1:
+        raise CLIError(f"--step-time-factor must be > 1, got {args.step_time_factor}")
     from .device import require_device
 
     require_device(args.device)
@@ -369,7 +375,7 @@ def cmd_serve(args) -> None:
 
     app = create_app(load, model_name=args.model_name or path.stem, api_key=args.api_key, max_body_bytes=args.max_body,
                      max_batch=args.max_batch, ctx=args.ctx, max_queue=args.max_queue, step_tokens=args.step_tokens,
-                     idle_step_tokens=args.idle_step_tokens)
+                     idle_step_tokens=args.idle_step_tokens, step_time_factor=args.step_time_factor)
     print(f"serving {path} as {app.state.server.model_name!r} on http://{args.host}:{args.port} "
           f"(max batch {args.max_batch}; /health says when the model is loaded)", file=sys.stderr)
     try:  # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal

@@ -125,7 +125,10 @@ class Sampler:
         if logits.ndim != 1:
             raise ValueError(f"logits must be 1-D (vocab,), got shape {logits.shape}")
         if self.params.greedy:
-            return int(np.argmax(apply_penalties(logits, self.params, context, generated)))
+            p = self.params
+            if p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty:
+                return int(np.argmax(logits))  # nothing to penalize: no copy
+            return int(np.argmax(apply_penalties(logits, p, context, generated)))
         p = probabilities(logits, self.params, context, generated)
         cdf = np.cumsum(p)
         # inverse CDF with one uniform draw per token: the same draws whatever the distribution

@@ -94,11 +94,70 @@ inline void ternary_row_tile(const uint8_t* row, int64_t n_blocks, const QuantRo
   }
 }
 
+// RW weight rows against NA activation rows: each decoded block (2 x 64 codes per weight row) is
+// used by NA activation rows and each activation load by RW weight rows. One int32 accumulator per
+// (weight row, activation row): a 4 x 4 tile uses 16 accumulators + 8 decoded blocks + 2 activation
+// vectors + 3 constants of the 32 zmm registers.
+template <int RW, int NA>
+inline void ternary_tile(const uint8_t* w, int64_t n_blocks, int64_t r, const QuantRows& x, int64_t i0, float s_w,
+                         float* y, int64_t y_stride) {
+  const __m512i mask = _mm512_set1_epi8(3);
+  const __m512i shift01 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+  const __m512i shift23 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1);
+  const uint8_t* rows[RW];
+  for (int j = 0; j < RW; ++j) rows[j] = w + (r + j) * n_blocks * kI2BlockBytes;
+  const int8_t* xq[NA];
+  for (int a = 0; a < NA; ++a) xq[a] = x.q + (i0 + a) * x.stride;
+  __m512i acc[RW][NA];
+  for (int j = 0; j < RW; ++j)
+    for (int a = 0; a < NA; ++a) acc[j][a] = _mm512_setzero_si512();
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    __m512i q01[RW], q23[RW];
+    for (int j = 0; j < RW; ++j) {
+      const __m512i wv =
+          _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[j] + b * kI2BlockBytes)));
+      q01[j] = _mm512_and_si512(_mm512_srlv_epi16(wv, shift01), mask);
+      q23[j] = _mm512_and_si512(_mm512_srlv_epi16(wv, shift23), mask);
+    }
+    for (int a = 0; a < NA; ++a) {
+      const int8_t* xb = xq[a] + b * kI2BlockCodes;
+      const __m512i x0 = _mm512_loadu_si512(xb), x1 = _mm512_loadu_si512(xb + 64);
+      for (int j = 0; j < RW; ++j) {
+        acc[j][a] = _mm512_dpbusd_epi32(acc[j][a], q01[j], x0);
+        acc[j][a] = _mm512_dpbusd_epi32(acc[j][a], q23[j], x1);
+      }
+    }
+  }
+  for (int j = 0; j < RW; ++j)
+    for (int a = 0; a < NA; ++a) {
+      const int32_t dot = _mm512_reduce_add_epi32(acc[j][a]) - x.sum[i0 + a];
+      y[(i0 + a) * y_stride + r + j] = static_cast<float>(dot) * (s_w / x.scale[i0 + a]);
+    }
+}
+
+// Weight rows in blocks of 32, cached while every activation tile sweeps them. Batches (4 or more
+// activation rows) go in 4 x 4 tiles, compute-bound: measured 1.3x the one-row tiles on in-cache
+// matrices. The m % 4 leftover rows (decode: m = 1, memory-bound) keep one weight row a tile,
+// which streams from DRAM faster than four (measured 61 vs 45 GB/s on 64 MB of weights).
 void ternary_rows_avx512(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t r1, const QuantRows& x,
                          float s_w, float* y, int64_t y_stride) {
-  sweep_row_blocks(r0, r1, x.m, 32, [&](auto na, int64_t r, int64_t i) {
-    ternary_row_tile<decltype(na)::value>(w + r * n_blocks * kI2BlockBytes, n_blocks, x, i, s_w, y, y_stride, r);
-  });
+  constexpr int64_t kRowBlock = 32;
+  for (int64_t b0 = r0; b0 < r1; b0 += kRowBlock) {
+    const int64_t b1 = std::min(r1, b0 + kRowBlock);
+    int64_t i = 0;
+    for (; i + 4 <= x.m; i += 4) {
+      int64_t r = b0;
+      for (; r + 4 <= b1; r += 4) ternary_tile<4, 4>(w, n_blocks, r, x, i, s_w, y, y_stride);
+      for (; r < b1; ++r) ternary_row_tile<4>(w + r * n_blocks * kI2BlockBytes, n_blocks, x, i, s_w, y, y_stride, r);
+    }
+    for (int64_t r = b0; r < b1 && i < x.m; ++r) {
+      switch (x.m - i) {
+        case 3: ternary_row_tile<3>(w + r * n_blocks * kI2BlockBytes, n_blocks, x, i, s_w, y, y_stride, r); break;
+        case 2: ternary_row_tile<2>(w + r * n_blocks * kI2BlockBytes, n_blocks, x, i, s_w, y, y_stride, r); break;
+        default: ternary_row_tile<1>(w + r * n_blocks * kI2BlockBytes, n_blocks, x, i, s_w, y, y_stride, r); break;
+      }
+    }
+  }
 }
 
 template <DType DT>

@@ -98,7 +98,7 @@ def create_app(engine_or_loader, *, model_name: str = "bitnet", api_key: str | N
                max_body_bytes: int = DEFAULT_MAX_BODY, **scheduler_options) -> FastAPI:
     """engine_or_loader: an Engine, or a callable returning one (run in a thread at startup, so
     /health answers 503 while it loads). scheduler_options: Scheduler's (max_batch, ctx, max_queue,
-    step_tokens, idle_step_tokens)."""
+    step_tokens, idle_step_tokens, step_time_factor)."""
     state = ServerState(model_name, api_key, scheduler_options)
 
     @asynccontextmanager

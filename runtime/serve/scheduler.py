@@ -10,9 +10,11 @@ callers submit requests and read their tokens through asyncio. No HTTP here, no 
     sched.stop()
 
 Every step (one `Engine.forward` with the GIL released) advances each running sequence by one
-token and gives the rest of a token budget (`step_tokens`) to chunks of the prompts being
-prefilled, oldest first, so a long prompt does not stall the running streams; a step with nothing
-to decode may prefill `idle_step_tokens`. Requests join and leave at token granularity. A new
+token and gives a few prompt tokens to the prompts being prefilled, oldest first (chunked
+prefill), so a long prompt does not stall the running streams: PrefillBudget sizes the chunk from
+measured step times so that a mixed step takes about `step_time_factor` times a decode-only step
+(never more than `step_tokens` tokens in all). A step with nothing to decode prefills up to
+`idle_step_tokens`. Requests join and leave at token granularity. A new
 request takes the free slot whose cached tokens share the longest prefix with its prompt (a
 shared system prompt, the previous turn of a chat) and prefills only the rest.
 
@@ -118,6 +120,21 @@ class _Seq:
 _CANCELLED = object()  # queued by RequestHandle.cancel: the iteration ends
 
 
+def _put_all(items) -> None:  # on the caller's event loop
+    for handle, item in items:
+        handle._queue.put_nowait(item)
+
+
+def _post(loop: asyncio.AbstractEventLoop, items: list) -> None:
+    """Hand (handle, item) pairs to their event loop in one wake-up (the engine thread's one per step,
+    not one per token: fewer interruptions of the compute threads)."""
+    try:
+        loop.call_soon_threadsafe(_put_all, items)
+    except RuntimeError:  # the caller's loop is closed: nobody is listening
+        for handle, _ in items:
+            handle.cancelled = True
+
+
 class RequestHandle:
     """The caller's side of a submitted request: an async iterator of (choice, StepOutput | SchedulerError).
     It ends after every choice has finished; leaving it early (or cancel()) frees the slots."""
@@ -132,10 +149,7 @@ class RequestHandle:
         self.submitted = time.perf_counter()
 
     def _deliver(self, item) -> None:  # engine thread
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the caller's loop is closed: nobody is listening
-            self.cancelled = True
+        _post(self._loop, [(self, item)])
 
     def __aiter__(self):
         return self
@@ -171,14 +185,61 @@ class RequestHandle:
             self._scheduler._wake()
 
 
+class PrefillBudget:
+    """How many prompt tokens a step may add to n decode rows, from what steps have cost.
+
+    Keeps an exponential average of the decode-only step time per batch size, T(n), and of the
+    marginal cost of one prompt token, c, from mixed steps (their time minus T(n) of their decode
+    rows, over their prompt tokens). A mixed step may then take (factor - 1) * T(n) more than a
+    decode-only one: chunk = (factor - 1) * T(n) / c tokens, at least `min_chunk` so a prompt
+    always progresses. Before anything is measured the chunk is `min_chunk`."""
+
+    def __init__(self, factor: float = 2.0, min_chunk: int = 4, smoothing: float = 0.2):
+        if not factor > 1:
+            raise ValueError(f"step_time_factor must be > 1, got {factor!r}")
+        self.factor, self.min_chunk, self.smoothing = factor, min_chunk, smoothing
+        self.decode_s: dict[int, float] = {}  # n decode rows -> average seconds of a decode-only step
+        self.token_s: float | None = None  # seconds one prompt token adds to a step
+
+    def _avg(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.smoothing * (new - old)
+
+    def _decode_time(self, n: int) -> float | None:
+        if n in self.decode_s:
+            return self.decode_s[n]
+        known = [k for k in self.decode_s if k > 0]
+        if not known:
+            return None
+        near = min(known, key=lambda k: abs(k - n))  # scale the nearest measured batch size
+        return self.decode_s[near] * max(n, 1) / near if n > near else self.decode_s[near]
+
+    def observe(self, n_decode: int, n_prompt: int, seconds: float) -> None:
+        if n_prompt == 0:
+            if n_decode:
+                self.decode_s[n_decode] = self._avg(self.decode_s.get(n_decode), seconds)
+            return
+        base = self._decode_time(n_decode) if n_decode else 0.0
+        if base is not None:
+            self.token_s = self._avg(self.token_s, max(seconds - base, 0.0) / n_prompt)
+
+    def chunk(self, n_decode: int) -> int:
+        base = self._decode_time(n_decode)
+        if base is None or not self.token_s:
+            return self.min_chunk
+        return max(self.min_chunk, int((self.factor - 1) * base / self.token_s))
+
+
 class Scheduler:
     def __init__(self, engine, tokenizer: Tokenizer | None = None, *, max_batch: int = 8, ctx: int | None = None,
-                 max_queue: int = 64, step_tokens: int = 64, idle_step_tokens: int = 512, metrics=None):
+                 max_queue: int = 64, step_tokens: int = 256, idle_step_tokens: int = 512,
+                 step_time_factor: float = 2.0, metrics=None):
         """engine: a runtime Engine (CPU or CUDA). tokenizer: for text and stop strings (default:
         the engine's file's, or none). max_batch: concurrent sequences (KV-cache slots); ctx: tokens
         per slot (default: the model's context); max_queue: sequences waiting for a slot beyond which
-        submit raises QueueFullError; step_tokens: tokens per step while sequences decode (one each,
-        the rest prefill); idle_step_tokens: prefill tokens of a step with nothing to decode.
+        submit raises QueueFullError; step_tokens: at most this many tokens in a step while sequences
+        decode (one each, the rest prefill); step_time_factor: a step that prefills while sequences
+        decode should take about this many times a decode-only step (PrefillBudget);
+        idle_step_tokens: prefill tokens of a step with nothing to decode.
         metrics: an object with observe_* methods (serve/metrics.py) or None."""
         if tokenizer is None and getattr(engine, "tokenizer_json", None):
             tokenizer = Tokenizer.from_model_file(engine)
@@ -192,6 +253,7 @@ class Scheduler:
         self.engine, self.tokenizer, self.metrics = engine, tokenizer, metrics
         self.max_batch, self.ctx, self.max_queue = max_batch, ctx, max_queue
         self.step_tokens, self.idle_step_tokens = max(step_tokens, max_batch + 1), idle_step_tokens
+        self.budget = PrefillBudget(step_time_factor)
         self.cache = engine.new_cache(max_batch, ctx)
         self.vocab_size = engine.vocab_size
         self._eos = set(tokenizer.eos_ids) if tokenizer is not None else set()
@@ -346,7 +408,10 @@ class Scheduler:
 
     def _step(self) -> None:
         decode = [s for s in self._running if not s.prefilling]
-        budget = self.step_tokens - len(decode) if decode else self.idle_step_tokens
+        if decode:
+            budget = min(self.step_tokens - len(decode), self.budget.chunk(len(decode)))
+        else:
+            budget = self.idle_step_tokens
         rows, seqs = [], []
         for s in decode:
             rows.append([s.text.ids[-1]])
@@ -371,19 +436,26 @@ class Scheduler:
             return
         now = time.perf_counter()
         self.steps += 1
+        self.budget.observe(len(decode), sum(len(r) for r in rows) - len(decode), now - t0)
         if self.metrics is not None:
             self.metrics.observe_step(now - t0, sum(len(r) for r in rows), len(decode))
+        outbox: dict[asyncio.AbstractEventLoop, list] = {}
         for row, (s, fed) in enumerate(zip(seqs, rows)):
             s.fed += len(fed)
             self._slot_tokens[s.slot].extend(fed)
             if s.prefilling:
                 continue
-            self._emit(s, logits[row], now)
+            item = self._emit(s, logits[row], now)
+            if item is not None:
+                outbox.setdefault(s.handle._loop, []).append((s.handle, item))
+        for loop, items in outbox.items():
+            _post(loop, items)
 
-    def _emit(self, s: _Seq, logits: np.ndarray, now: float) -> None:
+    def _emit(self, s: _Seq, logits: np.ndarray, now: float):
+        """Sample s's next token; returns what to deliver to its handle (None when cancelled)."""
         out = s.text.out
         if s.handle.cancelled:
-            return  # dropped at the next step's start
+            return None  # dropped at the next step's start
         tok = s.text.sampler.sample(logits, s.text.ids, out.token_ids)
         at_limit = len(out.token_ids) + 1 >= s.max_new or len(s.text.ids) + 1 > self.ctx
         delta = s.text.add(tok, tok in s.eos, at_limit)
@@ -409,7 +481,7 @@ class Scheduler:
             else:
                 self.metrics.observe_token_gap(now - s.last_token_time)
         s.last_token_time = now
-        s.handle._deliver((s.choice, StepOutput(tok, delta, logprob, top, out.finish_reason)))
         if out.finish_reason is not None:
             self._release(s, out.finish_reason)
+        return s.choice, StepOutput(tok, delta, logprob, top, out.finish_reason)
 

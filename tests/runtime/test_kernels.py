@@ -18,6 +18,9 @@ SHAPES = [  # (out, in, rows)
     (40, 300, 7),
     (96, 1000, 1),
     (8, 4096, 9),
+    (37, 260, 16),  # 4 x 4 tiles with a leftover weight row
+    (70, 384, 8),
+    (6, 200, 11),
 ]
 
 

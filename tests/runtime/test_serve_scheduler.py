@@ -256,3 +256,23 @@ def test_logprobs_are_the_log_softmax_of_the_engines_logits(sched, engine, gen):
     best = np.argsort(-ref, kind="stable")[:3]
     assert [t for t, _ in out.top_logprobs] == best.tolist()
     assert [lp for _, lp in out.top_logprobs] == pytest.approx(ref[best].tolist(), abs=1e-9)
+
+
+def test_the_prefill_budget_keeps_a_mixed_step_near_the_factor_times_a_decode_step():
+    from bitnet_train.runtime.serve.scheduler import PrefillBudget
+
+    def step_time(n_decode, n_prompt):  # a synthetic engine: 10 ms + 2 ms a decode row + 1 ms a prompt token
+        return 0.010 + 0.002 * n_decode + 0.001 * n_prompt
+
+    b = PrefillBudget(factor=2.0, min_chunk=4, smoothing=0.5)
+    assert b.chunk(7) == 4  # nothing measured yet
+    for _ in range(30):
+        b.observe(7, 0, step_time(7, 0))
+        n = b.chunk(7)
+        b.observe(7, n, step_time(7, n))
+    assert b.chunk(7) == 24  # (2 - 1) * 24 ms / 1 ms
+    assert step_time(7, b.chunk(7)) == pytest.approx(2 * step_time(7, 0))
+    assert b.chunk(14) == 48  # an unmeasured larger batch: scaled from the nearest measured one
+    assert b.chunk(3) == 24  # smaller: the nearest one's time, a conservative bound
+    with pytest.raises(ValueError, match="step_time_factor"):
+        PrefillBudget(factor=1.0)
