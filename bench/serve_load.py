@@ -215,6 +215,27 @@ async def run_sequential(url: str, count: int, vocab: int, timeout: float) -> di
     return {"requests": count, "errors": errors, "wall_s": round(wall, 2)}
 
 
+def static_batches(model: Path, args, sizes: list[int]) -> dict[int, float]:
+    """The engine without the server, side by side: Generator with a static batch of B prompts
+    (--prompt-tokens random ids each, --max-tokens generated, ignore_eos), aggregate tokens/s of
+    the whole call (prefill included, as the clients measure). Continuous batching can at best
+    reach these figures; the server's rows are also given as a fraction of them."""
+    from bitnet_train.runtime import Engine, Generator
+
+    eng = Engine.load(model, threads=args.threads, kv_cache=args.kv_cache, verify_checksums=False)
+    gen = Generator(eng)
+    rng = random.Random(5)
+    vocab = eng.vocab_size
+    out = {}
+    gen.generate([[1] * args.prompt_tokens], max_new_tokens=8, ignore_eos=True)  # warm-up
+    for b in sizes:
+        prompts = [[rng.randrange(vocab) for _ in range(args.prompt_tokens)] for _ in range(b)]
+        t0 = time.perf_counter()
+        done = gen.generate(prompts, max_new_tokens=args.max_tokens, ignore_eos=True)
+        out[b] = round(sum(len(c.token_ids) for c in done) / (time.perf_counter() - t0), 2)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="a .bitnet file (default: random weights of --shape)")
@@ -231,7 +252,7 @@ def main(argv=None) -> None:
     p.add_argument("--long-prompt-tokens", type=int, default=1000)
     p.add_argument("--sequential", type=int, default=1000)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds one request may take")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: clients, long, sequential")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: static, clients, long, sequential")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -246,17 +267,22 @@ def main(argv=None) -> None:
     from bitnet_train.export.reader import open_model
 
     vocab = int(open_model(model, verify_checksums=False).config["vocab_size"])
+    sizes = [int(x) for x in args.clients.split(",")]
+    static = {} if "static" in skip else static_batches(model, args, sizes)
+    if static and not args.json:
+        print("static batches (Generator, no server):", static, flush=True)
     server = Server(model, args)
     report = {"cpu": cpu_line(), "model": str(args.model or f"random {args.shape}"), "threads": args.threads,
               "kv_cache": args.kv_cache, "max_batch": args.max_batch, "step_tokens": args.step_tokens,
-              "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "clients": [], "long": None,
+              "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "static_tok_s": static,
+              "clients": [], "long": None,
               "sequential": None}
     try:
         server.wait_ready()
         url = server.url
         asyncio.run(run_clients(url, 1, 1, args.prompt_tokens, 8, vocab, args.timeout))  # warm-up
         if "clients" not in skip:
-            for n in [int(x) for x in args.clients.split(",")]:
+            for n in sizes:
                 rss0, (busy0, steps0) = rss_mb(server.proc.pid), step_stats(url)
                 row = asyncio.run(run_clients(url, n, args.requests_per_client, args.prompt_tokens, args.max_tokens,
                                               vocab, args.timeout))
@@ -286,13 +312,27 @@ def main(argv=None) -> None:
         return
     print(f"\n{report['cpu']}; {report['model']}, {args.threads} threads, KV {args.kv_cache}, max batch {args.max_batch}, "
           f"step tokens {args.step_tokens or 'default'}; prompts {args.prompt_tokens} tokens, {args.max_tokens} generated")
-    print("| clients | tok/s | × 1 client | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | errors | RSS MB before → after |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| clients | tok/s | × 1 client | static batch tok/s | of static | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | "
+          "errors | RSS MB before → after |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     base = report["clients"][0]["tok_s"] if report["clients"] else None
     base = base or float("nan")
     for r in report["clients"]:
-        print(f"| {r['clients']} | {r['tok_s']} | {r['tok_s'] / base:.2f} | {r['ttft_p50']} | {r['ttft_p99']} | "
-              f"{r['itl_p50']} | {r['itl_p99']} | {r['errors']} | {r['rss_mb_before']} → {r['rss_mb_after']} |")
+        st = static.get(r["clients"])
+        frac = f"{r['tok_s'] / st:.0%}" if st else "-"
+        print(f"| {r['clients']} | {r['tok_s']} | {r['tok_s'] / base:.2f} | {st or '-'} | {frac} | {r['ttft_p50']} | "
+              f"{r['ttft_p99']} | {r['itl_p50']} | {r['itl_p99']} | {r['errors']} | {r['rss_mb_before']} → "
+              f"{r['rss_mb_after']} |")
+    if report["long"]:
+        lg = report["long"]
+        print(f"\nlong prompt ({lg['long_prompt_tokens']} tokens) among {lg['streams']} streams: their ITL p50/p99 "
+              f"before {lg['itl_p50_before']}/{lg['itl_p99_before']} s, while it prefills {lg['itl_p50_during']}/"
+              f"{lg['itl_p99_during']} s (p99 = {lg['itl_p99_during_over_p50_before']}x the p50 before); its TTFT "
+              f"{lg['long_ttft_s']} s")
+    if report["sequential"]:
+        sq = report["sequential"]
+        print(f"{sq['requests']} sequential requests: {sq['errors']} errors, {sq['wall_s']} s, server RSS "
+              f"{sq['rss_mb_before']} → {sq['rss_mb_after']} MB")
 
 
 if __name__ == "__main__":

@@ -147,7 +147,14 @@ void ternary_rows_avx512(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t
     int64_t i = 0;
     for (; i + 4 <= x.m; i += 4) {
       int64_t r = b0;
-      for (; r + 4 <= b1; r += 4) ternary_tile<4, 4>(w, n_blocks, r, x, i, s_w, y, y_stride);
+      for (; r + 4 <= b1; r += 4) {
+        if (i == 0 && r + kRowBlock + 4 <= r1) {  // the next row block's matching rows, on the way to L1
+          const uint8_t* next = w + (r + kRowBlock) * n_blocks * kI2BlockBytes;
+          for (int64_t off = 0; off < 4 * n_blocks * kI2BlockBytes; off += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(next + off), _MM_HINT_T0);
+        }
+        ternary_tile<4, 4>(w, n_blocks, r, x, i, s_w, y, y_stride);
+      }
       for (; r < b1; ++r) ternary_row_tile<4>(w + r * n_blocks * kI2BlockBytes, n_blocks, x, i, s_w, y, y_stride, r);
     }
     for (int64_t r = b0; r < b1 && i < x.m; ++r) {

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -77,6 +78,9 @@ class ServerState:
         self.metrics.watch(sched)
         self.tokenizer = sched.tokenizer
         self.scheduler = sched.start()
+        logging.getLogger("uvicorn.error").info(
+            "model ready: %d slots of %d tokens, KV cache %.0f MiB (%s)", sched.max_batch, sched.ctx,
+            sched.cache.nbytes / 2**20, getattr(sched.cache, "dtype", "f32"))
 
     def load(self, loader: Callable[[], object]) -> None:
         try:

@@ -313,6 +313,22 @@ def test_queue_overflow_is_429_and_a_disconnect_frees_the_slot(engine):
         s.stop()
 
 
+def test_a_non_streaming_client_that_leaves_frees_its_slot(engine):
+    s = serve(WrappedEngine(engine, delay=0.01), max_batch=2)
+    try:
+        body = {"model": "tiny", "prompt": "O", "max_tokens": 200, "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(s.url + "/v1/completions", json=body, timeout=0.3)  # gives up after ~30 tokens
+        deadline = time.monotonic() + 5
+        while metric(s, "bitnet_kv_slots_used") != 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert metric(s, "bitnet_kv_slots_used") == 0
+        assert metric(s, 'bitnet_requests_finished_total{reason="cancelled"}') == 1
+        assert metric(s, "bitnet_generation_tokens_total") < 150  # stopped well before its 200 tokens
+    finally:
+        s.stop()
+
+
 def test_eight_parallel_staggered_streams_give_the_tokens_of_sequential_requests(engine):
     """Batch invariance through HTTP: 8 streams started 30 ms apart share the engine's steps."""
     s = serve(WrappedEngine(engine, delay=0.01), max_batch=8)
