@@ -4,8 +4,8 @@
 
 Prints prefill tokens/s (one sequence of --prefill tokens), decode tokens/s (--decode steps after
 the prefill, one token at a time, KV cache), bytes read per decoded token (weights + KV cache at
-the mean decode context) and the fraction of a measured read bandwidth (a dense fp32 GEMV over a
-512 MiB matrix on the same threads) that decode reaches. Random weights: speed, not quality.
+the mean decode context) and the fraction of a plain streaming read (every thread, the widest
+vector loads, a 1 GiB buffer, best of 5: runtime.bench.read_bandwidth) that decode reaches. Random weights: speed, not quality.
 The measuring code is bitnet_train.runtime.bench (also behind `bitnet-run bench --shape NAME`).
 """
 

@@ -4,9 +4,12 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <stdexcept>
 
+#include "cpu/bandwidth.h"
 #include "cpu/kernels.h"
 #include "cpu/matmul.h"
 #include "cpu/parallel.h"
@@ -192,6 +195,32 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("w"), py::arg("dtype"), py::arg("x"), py::arg("isa") = "", py::arg("threads") = 1,
       "y (rows, out) = x @ w.T for a dense f32/f16/bf16 matrix (f16/bf16 given as uint16 bits).");
+
+  m.def(
+      "stream_read",
+      [](int64_t mib, int threads, const std::string& isa, int repeats) {
+        if (mib < 1) throw std::invalid_argument("stream_read: mib must be >= 1");
+        if (threads < 1) throw std::invalid_argument("stream_read: threads must be >= 1");
+        const std::string name = select_kernels(isa).name;  // validates the ISA ("" = the best)
+        const int64_t bytes = mib << 20;
+        uint64_t checksum = 0;
+        double seconds;
+        {
+          py::gil_scoped_release nogil;
+          std::unique_ptr<uint8_t, void (*)(void*)> buf(static_cast<uint8_t*>(std::aligned_alloc(64, bytes)), std::free);
+          if (!buf) throw std::bad_alloc();
+          // touch every page from the threads that will read it (first touch places the pages)
+          const int64_t share = bytes / threads;
+          parallel_for(threads, threads, [&](int64_t t) {
+            std::memset(buf.get() + t * share, static_cast<int>(t + 1), static_cast<size_t>(t + 1 == threads ? bytes - t * share : share));
+          });
+          seconds = stream_read_seconds(buf.get(), bytes, threads, name, repeats, &checksum);
+        }
+        return py::make_tuple(static_cast<double>(bytes) / seconds / 1e9, checksum);
+      },
+      py::arg("mib") = 1024, py::arg("threads") = 1, py::arg("isa") = "", py::arg("repeats") = 5,
+      "Streaming-read bandwidth: (GB/s of the best of `repeats` passes over a `mib` MiB buffer, every thread "
+      "reading its share with the ISA's widest loads; a checksum of the bytes read).");
 
   py::class_<ModelConfig>(m, "ModelConfig")
       .def(py::init<>())

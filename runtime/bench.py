@@ -26,16 +26,82 @@ SHAPES = {
     "smollm2-135m": dict(num_layers=30, hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3,
                          vocab_size=49152, ffn="swiglu"),
 }
+
+
+def _dims(hidden: int, ffn: int, layers: int, heads: int, kv_heads: int | None = None, vocab: int = 32002,
+          **extra) -> dict:
+    return dict(num_layers=layers, hidden_size=hidden, intermediate_size=ffn, num_heads=heads,
+                num_kv_heads=heads if kv_heads is None else kv_heads, vocab_size=vocab, ffn="swiglu", **extra)
+
+
+# bitnet.cpp's dummy-model layouts (utils/generate-dummy-bitnet-model.py: MHA, vocab 32002), by size
+for _name, _d in {"125m": (768, 3072, 11, 12), "350m": (1024, 3072, 24, 16), "1b": (2048, 3584, 24, 32),
+                  "1.5b": (1536, 9216, 28, 32), "2.7b": (3072, 7680, 24, 32), "3.8b": (3840, 8192, 24, 32),
+                  "7b": (4096, 12032, 32, 32), "13b": (5120, 13824, 40, 40), "30b": (6656, 16384, 60, 52),
+                  "70b": (8192, 24576, 80, 64), "100b": (8192, 45568, 72, 64)}.items():
+    SHAPES[_name] = _dims(*_d)
+# Llama 3 layouts (GQA with 8 KV heads, vocab 128256, rope theta 500000)
+SHAPES["llama3-8b"] = _dims(4096, 14336, 32, 32, 8, 128256, rope_theta=500000.0)
+SHAPES["llama3-70b"] = _dims(8192, 28672, 80, 64, 8, 128256, rope_theta=500000.0)
+
+DIMS_KEYS = {"hidden": "hidden_size", "ffn": "intermediate_size", "layers": "num_layers", "heads": "num_heads",
+             "kv_heads": "num_kv_heads", "vocab": "vocab_size", "head_dim": "head_dim"}
+
+
+def parse_dims(text: str) -> dict:
+    """`hidden=2048,ffn=5632,layers=22,heads=32[,kv_heads=4][,vocab=32000][,head_dim=64]` -> a shape dict
+    (kv_heads defaults to heads, vocab to 32002). ValueError names the bad part."""
+    values: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in DIMS_KEYS:
+            raise ValueError(f"--dims: {part!r} is not KEY=N with KEY one of {', '.join(DIMS_KEYS)}")
+        if key in values:
+            raise ValueError(f"--dims: {key} is given twice")
+        try:
+            n = int(value)
+        except ValueError:
+            raise ValueError(f"--dims: {key}={value!r} is not an integer") from None
+        if n < 1:
+            raise ValueError(f"--dims: {key} must be >= 1, got {n}")
+        values[key] = n
+    missing = [k for k in ("hidden", "ffn", "layers", "heads") if k not in values]
+    if missing:
+        raise ValueError(f"--dims lacks {', '.join(missing)} (needs hidden, ffn, layers, heads; optional kv_heads, "
+                         f"vocab, head_dim)")
+    shape = _dims(values["hidden"], values["ffn"], values["layers"], values["heads"], values.get("kv_heads"),
+                  values.get("vocab", 32002))
+    if "head_dim" in values:
+        shape["head_dim"] = values["head_dim"]
+    if shape["num_heads"] % shape["num_kv_heads"]:
+        raise ValueError(f"--dims: heads {shape['num_heads']} is not a multiple of kv_heads {shape['num_kv_heads']}")
+    if "head_dim" not in shape and shape["hidden_size"] % shape["num_heads"]:
+        raise ValueError(f"--dims: hidden {shape['hidden_size']} is not divisible by heads {shape['num_heads']} "
+                         f"(give head_dim=)")
+    return shape
 BENCH_SCALE = 0.02  # s_w of every random ternary linear
 
 
-def shape_config(shape: str, max_seq_len: int, tie: bool = False) -> dict:
-    """The full model config (FORMAT.md `config`) of a named bench shape."""
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {sorted(SHAPES)}")
-    s = SHAPES[shape]
-    return dict(s, head_dim=s["hidden_size"] // s["num_heads"], max_seq_len=int(max_seq_len), norm="subln",
-                tie_embeddings=bool(tie), rope_theta=10000.0, rms_norm_eps=1e-5, init_std=0.02)
+def shape_config(shape: str | dict, max_seq_len: int, tie: bool = False) -> dict:
+    """The full model config (FORMAT.md `config`) of a named bench shape, or of a dict of dimensions
+    (SHAPES' form, e.g. from parse_dims)."""
+    if isinstance(shape, str):
+        if shape not in SHAPES:
+            raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
+        shape = SHAPES[shape]
+    s = dict(shape)
+    return {"head_dim": s["hidden_size"] // s["num_heads"], "rope_theta": 10000.0, **s,
+            "max_seq_len": int(max_seq_len), "norm": "subln", "tie_embeddings": bool(tie), "rms_norm_eps": 1e-5,
+            "init_std": 0.02}
+
+
+def shape_name(shape: str | dict) -> str:
+    """A shape's name for provenance and reports ("dims:h2048-f5632-l22-a32-kv4-v32000" for dimensions)."""
+    if isinstance(shape, str):
+        return shape
+    return (f"dims:h{shape['hidden_size']}-f{shape['intermediate_size']}-l{shape['num_layers']}-a{shape['num_heads']}"
+            f"-kv{shape['num_kv_heads']}-v{shape['vocab_size']}")
 
 
 def _linear_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
@@ -56,7 +122,7 @@ def _dense_value(rng: np.random.Generator, name: str, shape: tuple[int, ...]) ->
     return (rng.random(shape, dtype=np.float32) - 0.5) * 0.1
 
 
-def random_model(shape: str, max_seq_len: int, seed: int = 0, tie: bool = False) -> tuple[dict, dict]:
+def random_model(shape: str | dict, max_seq_len: int, seed: int = 0, tie: bool = False) -> tuple[dict, dict]:
     """(config, tensors) for Engine(config, tensors): i2_b128 codes drawn directly as packed bytes."""
     cfg = shape_config(shape, max_seq_len, tie)
     rng = np.random.default_rng(seed)
@@ -73,7 +139,7 @@ def random_model(shape: str, max_seq_len: int, seed: int = 0, tie: bool = False)
     return cfg, tensors
 
 
-def write_random_model(path: str | Path, shape: str, max_seq_len: int = 2048, seed: int = 0, tie: bool = False,
+def write_random_model(path: str | Path, shape: str | dict, max_seq_len: int = 2048, seed: int = 0, tie: bool = False,
                        packing: str = "i2_b128", tokenizer_json: str | None = None) -> Path:
     """A .bitnet file of a named shape with random ternary weights (fp16 dense tensors), written
     atomically by the exporter's writer."""
@@ -84,7 +150,7 @@ def write_random_model(path: str | Path, shape: str, max_seq_len: int = 2048, se
     rng = np.random.default_rng(seed)
     ternary = {name: (rng.integers(-1, 2, size=s, dtype=np.int8), BENCH_SCALE) for name, s in _linear_shapes(cfg).items()}
     dense = {n: _dense_value(rng, n, s) for n, s in _dense_shapes(cfg).items()}
-    provenance = {"recipe": f"random:{shape}", "step": 0, "source": "bitnet-run random-model", "source_sha256": "",
+    provenance = {"recipe": f"random:{shape_name(shape)}", "step": 0, "source": "bitnet-run random-model", "source_sha256": "",
                   "exporter": f"bitnet_train.runtime {__version__}", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "ptq": False, "seed": seed}
     arrays = ModelArrays(config=cfg, eps=1e-5, ternary=ternary, dense=dense, tokenizer_json=tokenizer_json,
@@ -92,18 +158,12 @@ def write_random_model(path: str | Path, shape: str, max_seq_len: int = 2048, se
     return write_bitnet(path, arrays, packing=packing, dense_dtype="F16")
 
 
-def read_bandwidth(threads: int, isa: str = "", mib: int = 512) -> float:
-    """GB/s of a dense fp32 GEMV over `mib` MiB (memory-bound) on the engine's own kernels, best of 3."""
-    cols = 16384
-    w = np.ones(((mib << 20) // (4 * cols), cols), np.float32)
-    x = np.ones((1, cols), np.float32)
-    _C.dense_matmul(w, "f32", x, isa, threads)
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        _C.dense_matmul(w, "f32", x, isa, threads)
-        best = min(best, time.perf_counter() - t0)
-    return w.nbytes / best / 1e9
+def read_bandwidth(threads: int, isa: str = "", mib: int = 1024, repeats: int = 5) -> float:
+    """GB/s of a plain streaming read (the roofline): every compute thread sums its share of a `mib`
+    MiB buffer with the ISA's widest vector loads, best of `repeats` passes (csrc/cpu/bandwidth.cpp).
+    (A dense fp32 GEMV, this function before, topped out below it on some machines: 23 vs 28-32 GB/s.)"""
+    gb_s, _ = _C.stream_read(int(mib), int(threads), isa, int(repeats))
+    return float(gb_s)
 
 
 def kv_bytes_per_token(engine, context: float) -> float:
@@ -115,7 +175,8 @@ def kv_bytes_per_token(engine, context: float) -> float:
 
 def measure_speed(engine, prefill: int = 128, decode: int = 64, bandwidth: bool = True, seed: int = 1) -> dict:
     """Prefill one sequence of `prefill` random tokens, then `decode` greedy steps on its KV cache.
-    bandwidth: also measure the machine's read bandwidth and report the roofline fraction."""
+    bandwidth: also measure the machine's streaming-read bandwidth (read_bandwidth) and report decode
+    GB/s as a fraction of it (every byte a decode step reads: weights, lm_head, one embedding row, KV)."""
     if prefill < 1 or decode < 1:
         raise ValueError(f"prefill and decode must be >= 1, got {prefill} and {decode}")
     if prefill + decode > engine.max_seq_len:
@@ -146,6 +207,6 @@ def measure_speed(engine, prefill: int = 128, decode: int = 64, bandwidth: bool 
     }
     if bandwidth:
         bw = read_bandwidth(engine.threads, engine.isa())
-        res["measured_read_gb_s"] = round(bw, 2)
+        res["stream_read_gb_s"] = round(bw, 2)
         res["roofline_fraction"] = round(bytes_per_token * decode_tps / 1e9 / bw, 3)
     return res

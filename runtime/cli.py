@@ -251,8 +251,10 @@ def cmd_eval(args) -> None:
 
 def add_bench_args(p):
     _add_engine_args(p, model_optional=True)
-    p.add_argument("--shape", help="bench random ternary weights of a named shape in memory instead of MODEL: "
-                   "bitnet-large, bitnet-2b, smollm2-135m")
+    p.add_argument("--shape", help="bench random ternary weights of a named shape in memory instead of MODEL "
+                   "(bitnet-large, bitnet-2b, smollm2-135m, bitnet.cpp's 125m .. 100b, llama3-8b, llama3-70b)")
+    p.add_argument("--dims", help="random weights of explicit dimensions instead of MODEL: "
+                   "hidden=N,ffn=N,layers=N,heads=N[,kv_heads=N][,vocab=N][,head_dim=N]")
     p.add_argument("--tie", action="store_true", help="with --shape: tie lm_head to the embedding")
     p.add_argument("--prefill", type=int, default=128, help="prompt tokens of the prefill")
     p.add_argument("--decode", type=int, default=64, help="decode steps after the prefill")
@@ -261,23 +263,22 @@ def add_bench_args(p):
 
 
 def cmd_bench(args) -> None:
-    """Prefill and decode tokens/s, bytes per token and the fraction of measured read bandwidth."""
-    from .bench import SHAPES, measure_speed, random_model
+    """Prefill and decode tokens/s, bytes per token and the fraction of the streaming-read bandwidth."""
+    from .bench import measure_speed, random_model, shape_name
 
-    if (args.model is None) == (args.shape is None):
-        raise CLIError("bench needs MODEL or --shape NAME (one of them)")
-    if args.shape is not None:
-        if args.shape not in SHAPES:
-            raise CLIError(f"unknown --shape {args.shape!r}; expected one of {', '.join(SHAPES)}")
+    if sum(x is not None for x in (args.model, args.shape, args.dims)) != 1:
+        raise CLIError("bench needs MODEL, --shape NAME or --dims ... (one of them)")
+    if args.model is None:
+        shape = _shape_arg(args)
         from .device import CudaEngine, require_device
         from .engine import Engine
 
         require_device(args.device)
-        cfg, tensors = random_model(args.shape, max(args.prefill + args.decode, 8), tie=args.tie)
+        cfg, tensors = random_model(shape, max(args.prefill + args.decode, 8), tie=args.tie)
         cls = CudaEngine if args.device == "cuda" else Engine
         eng = cls(cfg, tensors, {"eps": 1e-5}, isa=args.isa, threads=args.threads, lm_head=args.lm_head,
                   kv_cache=args.kv_cache)
-        what = {"shape": args.shape}
+        what = {"shape": shape_name(shape)}
     else:
         eng = _load_engine(args)
         what = {"model": str(args.model)}
@@ -291,10 +292,24 @@ def cmd_bench(args) -> None:
             print(f"{k:>24}: {v}")
 
 
-def add_random_model_args(p):
-    from .bench import SHAPES
+def _shape_arg(args):
+    """--shape NAME or --dims SPEC -> what random_model takes; CLIError naming the problem."""
+    from .bench import SHAPES, parse_dims
 
-    p.add_argument("--shape", required=True, choices=list(SHAPES))
+    if args.dims is not None:
+        try:
+            return parse_dims(args.dims)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+    if args.shape not in SHAPES:
+        raise CLIError(f"unknown --shape {args.shape!r}; expected one of {', '.join(SHAPES)}")
+    return args.shape
+
+
+def add_random_model_args(p):
+    p.add_argument("--shape", help="a named shape (bitnet-large, bitnet-2b, smollm2-135m, bitnet.cpp's 125m .. 100b, "
+                   "llama3-8b, llama3-70b)")
+    p.add_argument("--dims", help="explicit dimensions: hidden=N,ffn=N,layers=N,heads=N[,kv_heads=N][,vocab=N][,head_dim=N]")
     p.add_argument("-o", "--output", required=True, metavar="FILE")
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
@@ -304,13 +319,16 @@ def add_random_model_args(p):
 
 def cmd_random_model(args) -> None:
     """Write a .bitnet file with random ternary weights of a named shape (for speed runs)."""
-    from .bench import write_random_model
+    from .bench import shape_name, write_random_model
 
+    if (args.shape is None) == (args.dims is None):
+        raise CLIError("random-model needs --shape NAME or --dims ... (one of them)")
+    shape = _shape_arg(args)
     if args.max_seq_len < 1:
         raise CLIError(f"--max-seq-len must be >= 1, got {args.max_seq_len}")
-    path = write_random_model(args.output, args.shape, args.max_seq_len, seed=args.seed, tie=args.tie,
+    path = write_random_model(args.output, shape, args.max_seq_len, seed=args.seed, tie=args.tie,
                               packing={"2bit": "i2_b128", "1.6bit": "t3_b5"}[args.packing])
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, shape {args.shape}, random ternary weights)")
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, shape {shape_name(shape)}, random ternary weights)")
 
 
 def add_serve_args(p):

@@ -166,6 +166,69 @@ def test_random_model_file_for_a_named_shape(tmp_path, monkeypatch):
     assert Engine(cfg, tensors, threads=1).weight_bytes_per_token == eng.weight_bytes_per_token
 
 
+@pytest.mark.parametrize("name, nominal", [  # bitnet.cpp's dummy layouts by their names; Llama 3 by Meta's counts
+    ("125m", 0.125), ("350m", 0.35), ("1b", 1.0), ("1.5b", 1.5), ("2.7b", 2.7), ("3.8b", 3.8), ("7b", 7.0),
+    ("13b", 13.0), ("30b", 30.0), ("70b", 70.0), ("100b", 100.0), ("llama3-8b", 8.03), ("llama3-70b", 70.55),
+])
+def test_named_shapes_have_their_sizes(name, nominal):
+    from bitnet_train.export.schema import dense_shapes, linear_shapes, validate_config
+
+    cfg = validate_config(bench_mod.shape_config(name, 4096))
+    n = sum(int(np.prod(s)) for s in {**linear_shapes(cfg), **dense_shapes(cfg)}.values())
+    h, f, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_layers"], cfg["vocab_size"]
+    kv = cfg["num_kv_heads"] * cfg["head_dim"]
+    # per layer q, o (h x h), k, v (kv x h), gate, up, down (h x f); 2 norms + 2 sub-norms; embed + head + final norm
+    assert n == L * (2 * h * h + 2 * kv * h + 3 * h * f + 2 * h + h + f) + 2 * V * h + h
+    assert n / 1e9 == pytest.approx(nominal, rel=0.25 if not name.startswith("llama3") else 0.005)
+    if name.startswith("llama3"):
+        assert (cfg["num_kv_heads"], cfg["vocab_size"], cfg["rope_theta"]) == (8, 128256, 500000.0)
+    else:
+        assert cfg["num_kv_heads"] == cfg["num_heads"] and cfg["vocab_size"] == 32002
+
+
+def test_dims_give_a_shape_and_bench_runs_it(capsys):
+    shape = bench_mod.parse_dims("hidden=128, ffn=384,layers=2,heads=4,kv_heads=2,vocab=300")
+    assert (shape["hidden_size"], shape["intermediate_size"], shape["num_layers"], shape["num_heads"],
+            shape["num_kv_heads"], shape["vocab_size"]) == (128, 384, 2, 4, 2, 300)
+    assert main(["bench", "--dims", "hidden=128,ffn=384,layers=2,heads=4,kv_heads=2,vocab=300", "--prefill", "8",
+                 "--decode", "4", "--no-bandwidth", "--json", "--threads", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["shape"] == "dims:h128-f384-l2-a4-kv2-v300" and res["decode_tokens"] == 4
+
+
+@pytest.mark.parametrize("dims, match", [
+    ("hidden=128,ffn=384,layers=2", "lacks heads"),
+    ("hidden=128,ffn=384,layers=2,heads=4,depth=3", "'depth=3' is not KEY=N"),
+    ("hidden=128,ffn=x,layers=2,heads=4", "ffn='x' is not an integer"),
+    ("hidden=128,ffn=384,layers=0,heads=4", "layers must be >= 1"),
+    ("hidden=128,ffn=384,layers=2,heads=4,kv_heads=3", "not a multiple of kv_heads"),
+    ("hidden=130,ffn=384,layers=2,heads=4", "not divisible by heads"),
+    ("hidden=128,hidden=64,ffn=384,layers=2,heads=4", "hidden is given twice"),
+])
+def test_bad_dims(capsys, dims, match):
+    assert_one_line_error(capsys, ["bench", "--dims", dims], match)
+
+
+def test_random_model_of_dims(tmp_path):
+    path = tmp_path / "d.bitnet"
+    assert main(["random-model", "--dims", "hidden=128,ffn=256,layers=1,heads=4,kv_heads=1,vocab=97", "-o", str(path),
+                 "--max-seq-len", "16"]) == 0
+    eng = Engine.load(path, threads=1)
+    assert eng.vocab_size == 97 and eng._model.config.num_kv_heads == 1
+
+
+@pytest.mark.parametrize("isa", _C.available_isas())
+def test_the_streaming_read_probe_reads_every_byte(isa):
+    # the buffer's share of thread t is filled with byte t + 1: the checksum of 64-bit word sums is known
+    mib, threads = 4, 2
+    share = (mib << 20) // threads
+    gb_s, checksum = _C.stream_read(mib, threads, isa, 2)
+    want = sum((share // 8) * int.from_bytes(bytes([t + 1]) * 8, "little") for t in range(threads)) % 2**64
+    assert checksum == want and gb_s > 0
+    with pytest.raises(ValueError, match="mib must be >= 1"):
+        _C.stream_read(0, 1, isa, 1)
+
+
 # ---- bad input: one line `error: ...` on stderr, exit 2 ---------------------------------------------
 
 def assert_one_line_error(capsys, argv, match):
@@ -229,7 +292,8 @@ def test_other_refusals(files, tmp_path, capsys):
     assert_one_line_error(capsys, ["chat", files["no_template"]], "no chat template")
     assert_one_line_error(capsys, ["eval", files["model"], tmp_path / "absent.txt"], "does not exist")
     assert_one_line_error(capsys, ["eval", files["model"], files["model"]], "is not UTF-8 text")
-    assert_one_line_error(capsys, ["bench"], "bench needs MODEL or --shape")
+    assert_one_line_error(capsys, ["bench"], "bench needs MODEL, --shape NAME or --dims")
+    assert_one_line_error(capsys, ["random-model", "-o", "x.bitnet"], "random-model needs --shape NAME or --dims")
     assert_one_line_error(capsys, ["bench", "--shape", "nope"], "unknown --shape 'nope'")
     assert_one_line_error(capsys, ["generate", files["model"]], "generate needs --prompt")
 
