@@ -1,7 +1,9 @@
 """Atomic outputs: write into a temporary sibling, rename into place only when complete.
 
 A failure or Ctrl-C (any BaseException) removes the temporary, so no partial output is ever left
-under the final name, and an existing output is replaced only by a complete one.
+under the final name, and an existing output is replaced only by a complete one. The output gets
+the permissions a plain open() or mkdir() would give it (0666 / 0777 less the umask), not the
+owner-only ones of the temporary.
 """
 
 from __future__ import annotations
@@ -11,6 +13,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -23,6 +31,7 @@ def atomic_file(path: str | os.PathLike):
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -37,6 +46,7 @@ def atomic_dir(path: str | os.PathLike):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.rmdir(old)

@@ -73,15 +73,17 @@ def cast_dense(name: str, x: np.ndarray, dtype: str) -> np.ndarray:
     return y
 
 
-def build_tensors(arrays: ModelArrays, packing: str, dense_dtype: str) -> dict[str, np.ndarray]:
-    """Stored name -> the exact array written, checked against the schema's expected set."""
-    cfg = validate_config(dict(arrays.config))
-    kinds = arrays.kinds()
-    want = stored_tensors(cfg, kinds, packing, dense_dtype)
+def _check_options(packing: str, dense_dtype: str) -> None:
+    if packing not in packing_mod.PACKINGS:
+        raise FormatError(f"unknown packing {packing!r}; expected one of {packing_mod.PACKINGS}")
+    if dense_dtype not in DTYPE_ITEMSIZE or dense_dtype == "U8":
+        raise FormatError(f"unknown dense dtype {dense_dtype!r}")
+
+
+def _check_ternary(cfg: dict, arrays: ModelArrays) -> None:
     unknown = sorted(set(arrays.ternary) - set(linear_shapes(cfg)))
     if unknown:
         raise FormatError(f"ternary tensors that are not linears of this config: {unknown[:5]}")
-    out: dict[str, np.ndarray] = {}
     for name, (codes, scale) in arrays.ternary.items():
         n_out, n_in = linear_shapes(cfg)[name]
         if tuple(codes.shape) != (n_out, n_in):
@@ -89,26 +91,11 @@ def build_tensors(arrays: ModelArrays, packing: str, dense_dtype: str) -> dict[s
         scale = np.float32(scale)
         if not (np.isfinite(scale) and scale > 0):
             raise FormatError(f"tensor {name}: scale {scale} is not a positive finite number")
-        try:
-            out[f"{name}.qweight"] = packing_mod.pack(codes, packing)
-        except ValueError as e:
-            raise FormatError(f"tensor {name}: {e}") from None
-        out[f"{name}.scale"] = np.array([scale], dtype="<f4")
-    for name, x in arrays.dense.items():
-        out[name] = cast_dense(name, x, dense_dtype)
-    missing, extra = sorted(set(want) - set(out)), sorted(set(out) - set(want))
-    if missing or extra:
-        raise FormatError(f"tensors do not match the config: missing {missing[:5]}, unexpected {extra[:5]}")
-    for name, (dtype, shape) in want.items():
-        if tuple(out[name].shape) != shape:
-            raise FormatError(f"tensor {name} has shape {tuple(out[name].shape)}, expected {shape}")
-    return out
 
 
-def build_metadata(arrays: ModelArrays, packing: str, dense_dtype: str, tensors: dict[str, np.ndarray]) -> dict[str, str]:
-    cfg = arrays.config
+def _metadata(cfg: dict, eps: float, kinds: dict[str, str], packing: str, dense_dtype: str, crcs: dict[str, int],
+              tokenizer_json: str | None, tokenizer_config: dict, provenance: dict) -> dict[str, str]:
     logical = {**linear_shapes(cfg), **dense_shapes(cfg)}
-    kinds = arrays.kinds()
     tensors_meta = {
         n: {"kind": kinds[n], "shape": list(s), "dtype": "U8" if kinds[n] == TERNARY else dense_dtype}
         for n, s in logical.items()
@@ -117,18 +104,90 @@ def build_metadata(arrays: ModelArrays, packing: str, dense_dtype: str, tensors:
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
         "config": json.dumps(cfg, sort_keys=True),
-        "quant": json.dumps({**QUANT_FIXED, "packing": packing, "eps": float(arrays.eps)}, sort_keys=True),
-        "tokenizer": arrays.tokenizer_json or "",
-        "tokenizer_config": json.dumps(arrays.tokenizer_config, sort_keys=True),
-        "provenance": json.dumps(arrays.provenance, sort_keys=True),
+        "quant": json.dumps({**QUANT_FIXED, "packing": packing, "eps": float(eps)}, sort_keys=True),
+        "tokenizer": tokenizer_json or "",
+        "tokenizer_config": json.dumps(tokenizer_config, sort_keys=True),
+        "provenance": json.dumps(provenance, sort_keys=True),
         "tensors": json.dumps(tensors_meta),
     }
-    md["checksums"] = json.dumps({
-        "algorithm": "crc32",
-        "metadata": metadata_crc32(md),
-        "tensors": {n: zlib.crc32(t.view(np.uint8).reshape(-1)) for n, t in sorted(tensors.items())},
-    })
+    md["checksums"] = json.dumps({"algorithm": "crc32", "metadata": metadata_crc32(md),
+                                  "tensors": {n: crcs[n] for n in sorted(crcs)}})
     return md
+
+
+def _header(metadata: dict[str, str], order: list[str], stored: dict[str, tuple[str, tuple[int, ...]]],
+            length: int | None = None) -> bytes:
+    """The JSON header, space-padded so the data section starts DATA_ALIGN-aligned (or to `length`)."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name in order:
+        dtype, shape = stored[name]
+        nbytes = DTYPE_ITEMSIZE[dtype] * int(np.prod(shape))
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    if length is None:
+        return head + b" " * ((-(8 + len(head))) % DATA_ALIGN)
+    if len(head) > length:
+        raise AssertionError("the final header outgrew its placeholder")  # CRCs have at most 10 digits
+    return head + b" " * (length - len(head))
+
+
+def write_tensors(
+    path: str | os.PathLike,
+    config: dict,
+    eps: float,
+    kinds: dict[str, str],
+    produce: Callable[[str], np.ndarray],
+    *,
+    packing: str = packing_mod.I2_B128,
+    dense_dtype: str = "F16",
+    tokenizer_json: str | None = None,
+    tokenizer_config: dict | None = None,
+    provenance: dict | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Write a .bitnet file tensor by tensor: produce(stored_name) returns the exact stored array
+    (packed codes for NAME.qweight, float32 [s_w] for NAME.scale, dense tensors in dense_dtype:
+    uint16 bits for F16/BF16), called once per tensor in storage order and dropped once written,
+    so the peak memory is one tensor whatever the model's size. The header goes first with
+    placeholder checksums of full width and is rewritten in place, same length, at the end; the
+    file is renamed into place only when complete. kinds: logical weight -> ternary/dense."""
+    _check_options(packing, dense_dtype)
+    cfg = validate_config(dict(config))
+    stored = stored_tensors(cfg, kinds, packing, dense_dtype)
+    order = storage_order(stored, packing)
+    extra = (tokenizer_json, dict(tokenizer_config or {}), dict(provenance or {}))
+    placeholder = _header(_metadata(cfg, eps, kinds, packing, dense_dtype, {n: 0xFFFFFFFF for n in stored}, *extra),
+                          order, stored)
+    storage = {"U8": np.uint8, "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.uint16}
+    crcs: dict[str, int] = {}
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(struct.pack("<Q", len(placeholder)))
+            fh.write(placeholder)
+            for name in order:
+                dtype, shape = stored[name]
+                a = np.asarray(produce(name))
+                if tuple(a.shape) != shape:
+                    raise FormatError(f"tensor {name} has shape {tuple(a.shape)}, expected {shape}")
+                want = np.dtype(storage[dtype])
+                if a.dtype != want and not (dtype == "F16" and a.dtype == np.uint16):
+                    raise FormatError(f"tensor {name} has dtype {a.dtype}, expected {want} ({dtype})")
+                data = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+                crcs[name] = zlib.crc32(data)
+                fh.write(data.data)
+                if progress is not None:
+                    progress(data.nbytes)
+                del a, data
+            head = _header(_metadata(cfg, eps, kinds, packing, dense_dtype, crcs, *extra), order, stored,
+                           length=len(placeholder))
+            fh.seek(8)
+            fh.write(head)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return path
 
 
 def write_bitnet(
@@ -138,32 +197,30 @@ def write_bitnet(
     dense_dtype: str = "F16",
     progress: Callable[[int], None] | None = None,
 ) -> Path:
-    """Write `arrays` as a .bitnet file at `path` (atomically). progress(n) is called with bytes written."""
-    if packing not in packing_mod.PACKINGS:
-        raise FormatError(f"unknown packing {packing!r}; expected one of {packing_mod.PACKINGS}")
-    if dense_dtype not in DTYPE_ITEMSIZE or dense_dtype == "U8":
-        raise FormatError(f"unknown dense dtype {dense_dtype!r}")
-    tensors = build_tensors(arrays, packing, dense_dtype)
-    metadata = build_metadata(arrays, packing, dense_dtype, tensors)
-    dtypes = {n: ("U8" if n.endswith(".qweight") else "F32" if n.endswith(".scale") else dense_dtype) for n in tensors}
-    order = storage_order({n: (dtypes[n], tensors[n].shape) for n in tensors}, packing)
-    header: dict = {"__metadata__": metadata}
-    offset = 0
-    for name in order:
-        nbytes = tensors[name].nbytes
-        header[name] = {"dtype": dtypes[name], "shape": list(tensors[name].shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    head += b" " * ((-(8 + len(head))) % DATA_ALIGN)  # data section starts DATA_ALIGN-aligned
-    path = Path(path)
-    with atomic_file(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(struct.pack("<Q", len(head)))
-            fh.write(head)
-            for name in order:
-                fh.write(np.ascontiguousarray(tensors[name]).view(np.uint8).reshape(-1).data)
-                if progress is not None:
-                    progress(tensors[name].nbytes)
-            fh.flush()
-            os.fsync(fh.fileno())
-    return path
+    """Write `arrays` as a .bitnet file at `path` (atomically). progress(n) is called with bytes
+    written. Each tensor is packed or cast as it is written (write_tensors): the file's bytes are
+    never all in memory at once beside `arrays`."""
+    _check_options(packing, dense_dtype)
+    cfg = validate_config(dict(arrays.config))
+    _check_ternary(cfg, arrays)
+    kinds = arrays.kinds()
+    want = stored_tensors(cfg, kinds, packing, dense_dtype)
+    have = {f"{n}.{part}" for n in arrays.ternary for part in ("qweight", "scale")} | set(arrays.dense)
+    missing, extra = sorted(set(want) - have), sorted(have - set(want))
+    if missing or extra:
+        raise FormatError(f"tensors do not match the config: missing {missing[:5]}, unexpected {extra[:5]}")
+
+    def produce(name: str) -> np.ndarray:
+        base, _, part = name.rpartition(".")
+        if base in arrays.ternary and part == "qweight":
+            try:
+                return packing_mod.pack(arrays.ternary[base][0], packing)
+            except ValueError as e:
+                raise FormatError(f"tensor {base}: {e}") from None
+        if base in arrays.ternary and part == "scale":
+            return np.array([np.float32(arrays.ternary[base][1])], dtype="<f4")
+        return cast_dense(name, arrays.dense[name], dense_dtype)
+
+    return write_tensors(path, cfg, arrays.eps, kinds, produce, packing=packing, dense_dtype=dense_dtype,
+                         tokenizer_json=arrays.tokenizer_json, tokenizer_config=arrays.tokenizer_config,
+                         provenance=arrays.provenance, progress=progress)

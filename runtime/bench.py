@@ -141,21 +141,47 @@ def random_model(shape: str | dict, max_seq_len: int, seed: int = 0, tie: bool =
 
 def write_random_model(path: str | Path, shape: str | dict, max_seq_len: int = 2048, seed: int = 0, tie: bool = False,
                        packing: str = "i2_b128", tokenizer_json: str | None = None) -> Path:
-    """A .bitnet file of a named shape with random ternary weights (fp16 dense tensors), written
-    atomically by the exporter's writer."""
+    """A .bitnet file of a named shape (or dimensions) with random ternary weights (fp16 dense
+    tensors), written atomically tensor by tensor (export.writer.write_tensors): each tensor is
+    drawn in row chunks as it is written, so the peak memory is about the largest tensor, not the
+    file (a 70B file on a 24 GiB machine). Each tensor's values depend only on (seed, its name)."""
+    import zlib
+
     from bitnet_train import __version__
-    from bitnet_train.export.writer import ModelArrays, write_bitnet
+    from bitnet_train.export import packing as packing_mod
+    from bitnet_train.export.schema import DENSE, TERNARY
+    from bitnet_train.export.writer import write_tensors
 
     cfg = shape_config(shape, max_seq_len, tie)
-    rng = np.random.default_rng(seed)
-    ternary = {name: (rng.integers(-1, 2, size=s, dtype=np.int8), BENCH_SCALE) for name, s in _linear_shapes(cfg).items()}
-    dense = {n: _dense_value(rng, n, s) for n, s in _dense_shapes(cfg).items()}
+    linears, dense = _linear_shapes(cfg), _dense_shapes(cfg)
+    kinds = {**{n: TERNARY for n in linears}, **{n: DENSE for n in dense}}
+    chunk_elems = 1 << 24  # values drawn at a time
+
+    def produce(name: str) -> np.ndarray:
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        base, _, part = name.rpartition(".")
+        if part == "scale":
+            return np.array([BENCH_SCALE], "<f4")
+        if part == "qweight":
+            n_out, n_in = linears[base]
+            rows = max(1, chunk_elems // n_in)
+            return np.concatenate([packing_mod.pack(rng.integers(-1, 2, size=(min(rows, n_out - r), n_in), dtype=np.int8),
+                                                    packing) for r in range(0, n_out, rows)])
+        shape_ = dense[name]
+        if len(shape_) == 1:  # norm weights
+            return np.ones(shape_, "<f2")
+        out = np.empty(shape_, "<f2")
+        rows = max(1, chunk_elems // shape_[1])
+        for r in range(0, shape_[0], rows):
+            block = out[r:r + rows]
+            block[...] = (rng.random(block.shape, dtype=np.float32) - 0.5) * 0.1
+        return out
+
     provenance = {"recipe": f"random:{shape_name(shape)}", "step": 0, "source": "bitnet-run random-model", "source_sha256": "",
                   "exporter": f"bitnet_train.runtime {__version__}", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "ptq": False, "seed": seed}
-    arrays = ModelArrays(config=cfg, eps=1e-5, ternary=ternary, dense=dense, tokenizer_json=tokenizer_json,
-                         provenance=provenance)
-    return write_bitnet(path, arrays, packing=packing, dense_dtype="F16")
+    return write_tensors(path, cfg, 1e-5, kinds, produce, packing=packing, dense_dtype="F16",
+                         tokenizer_json=tokenizer_json, provenance=provenance)
 
 
 def read_bandwidth(threads: int, isa: str = "", mib: int = 1024, repeats: int = 5) -> float:

@@ -217,6 +217,29 @@ def test_random_model_of_dims(tmp_path):
     assert eng.vocab_size == 97 and eng._model.config.num_kv_heads == 1
 
 
+@pytest.mark.slow
+def test_random_model_writes_tensor_by_tensor_in_bounded_memory(tmp_path):
+    """A 200 MB file (805M ternary weights in 48 layers) written with a peak RSS far below its size:
+    the writer holds one tensor (1 MB packed, 16 MB of codes drawn at a time), not the file."""
+    path = tmp_path / "deep.bitnet"
+    code = (
+        "import resource, sys\n"
+        "from bitnet_train.runtime import bench\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "shape = bench.parse_dims('hidden=1024,ffn=4096,layers=48,heads=16,vocab=1000')\n"
+        f"bench.write_random_model({str(path)!r}, shape, max_seq_len=64)\n"
+        "print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr
+    base_kb, peak_kb = map(int, r.stdout.split())
+    size = path.stat().st_size
+    assert size > 200e6
+    assert (peak_kb - base_kb) * 1024 < 64 * 2**20, (base_kb, peak_kb)  # + at most 64 MiB while writing 200 MB
+    eng = Engine.load(path, threads=1)  # checksums verified
+    assert eng._model.config.num_layers == 48 and eng.forward([1, 2, 3], last_only=True).shape == (1000,)
+
+
 @pytest.mark.parametrize("isa", _C.available_isas())
 def test_the_streaming_read_probe_reads_every_byte(isa):
     # the buffer's share of thread t is filled with byte t + 1: the checksum of 64-bit word sums is known
