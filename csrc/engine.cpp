@@ -1,6 +1,8 @@
 // CPU forward pass, op for op as bitnet_train/model.py (BitNetModel) defines it.
 #include "engine.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <set>
@@ -116,6 +118,9 @@ void ModelConfig::validate() const {
   for (const auto& s : sizes)
     if (s.second <= 0 || s.second > (int64_t{1} << 31))
       fail(std::string("config ") + s.first + " = " + std::to_string(s.second) + "; expected 1 .. 2^31");
+  if (max_seq_len > kMaxSeqLen)
+    fail("config max_seq_len = " + std::to_string(max_seq_len) + "; expected at most " + std::to_string(kMaxSeqLen) +
+         " (2^20)");
   if (num_heads % num_kv_heads)
     fail("config num_heads " + std::to_string(num_heads) + " is not a multiple of num_kv_heads " +
          std::to_string(num_kv_heads));
@@ -123,6 +128,14 @@ void ModelConfig::validate() const {
   if (!(rope_theta > 0.0f) || !std::isfinite(rope_theta)) fail("config rope_theta must be a finite positive number");
   if (!(rms_norm_eps > 0.0f) || !std::isfinite(rms_norm_eps)) fail("config rms_norm_eps must be a finite positive number");
   if (!(act_eps > 0.0f) || !std::isfinite(act_eps)) fail("quant eps must be a finite positive number");
+}
+
+double physical_memory_bytes() {
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGE_SIZE)
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  if (pages > 0 && page > 0) return static_cast<double>(pages) * static_cast<double>(page);
+#endif
+  return 0.0;  // unknown: no check
 }
 
 KVType parse_kv_type(const std::string& name) {
@@ -140,6 +153,15 @@ KVCache::KVCache(const ModelConfig& cfg, int64_t n_seqs, int64_t max_len, KVType
   if (max_len < 1 || max_len > cfg.max_seq_len)
     fail("KV cache max_len = " + std::to_string(max_len) + "; expected 1 .. max_seq_len " +
          std::to_string(cfg.max_seq_len));
+  // K + V bytes, in floating point first: the factors come from a file and a request, and their
+  // product may overflow; refuse what this machine's memory cannot hold before allocating.
+  const double elems = static_cast<double>(n_layers_) * n_seqs_ * n_kv_ * max_len_ * head_dim_;
+  const double bytes = 2.0 * elems * (type_ == KVType::F16 ? 2 : 4);
+  const double ram = physical_memory_bytes();
+  if (ram > 0 && bytes > ram)
+    fail("a KV cache of " + std::to_string(n_seqs_) + " sequences x " + std::to_string(max_len_) + " tokens needs " +
+         std::to_string(static_cast<int64_t>(bytes / (1 << 20))) + " MiB; this machine has " +
+         std::to_string(static_cast<int64_t>(ram / (1 << 20))) + " MiB: use fewer sequences or a shorter context");
   const size_t n = static_cast<size_t>(n_layers_ * n_seqs_ * n_kv_ * max_len_ * head_dim_);
   if (type_ == KVType::F16) {
     k16_.assign(n, 0);
@@ -214,18 +236,13 @@ Model::Model(const ModelConfig& cfg, const TensorMap& tensors, const std::string
   }
   t.check_all_used();
 
-  // RoPE, rotate-half (HF Llama): fp32 as model.rope_cache computes it.
+  // RoPE, rotate-half (HF Llama): fp32 as model.rope_cache computes it. The angles are formed per
+  // forward for the positions it feeds (rope_angles), so nothing is sized by max_seq_len.
   const int64_t half = cfg_.head_dim / 2;
-  rope_cos_.resize(static_cast<size_t>(cfg_.max_seq_len * half));
-  rope_sin_.resize(rope_cos_.size());
+  inv_freq_.resize(static_cast<size_t>(half));
   for (int64_t i = 0; i < half; ++i) {
     const float expo = static_cast<float>(2 * i) / static_cast<float>(cfg_.head_dim);
-    const float inv_freq = 1.0f / std::pow(cfg_.rope_theta, expo);
-    for (int64_t pos = 0; pos < cfg_.max_seq_len; ++pos) {
-      const float a = static_cast<float>(pos) * inv_freq;
-      rope_cos_[pos * half + i] = std::cos(a);
-      rope_sin_[pos * half + i] = std::sin(a);
-    }
+    inv_freq_[static_cast<size_t>(i)] = 1.0f / std::pow(cfg_.rope_theta, expo);
   }
 }
 
@@ -390,10 +407,17 @@ void Model::forward(KVCache& cache, const Batch& b, bool all_logits, float* logi
   std::vector<float> x(N * d), h(N * d), o(N * d), q(N * qd), k(N * kvd), v(N * kvd), att(N * qd), g(N * f), u(N * f);
   for (int64_t t = 0; t < N; ++t) dense_row_to_fp32(embed_, embed_dtype_, d, b.tokens[t], x.data() + t * d);
 
+  std::vector<float> rope_cos(static_cast<size_t>(N * half)), rope_sin(rope_cos.size());  // (N, half)
+  for (int64_t t = 0; t < N; ++t)
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = static_cast<float>(tok_pos[t]) * inv_freq_[static_cast<size_t>(i)];
+      rope_cos[t * half + i] = std::cos(a);
+      rope_sin[t * half + i] = std::sin(a);
+    }
   auto rope = [&](float* rows, int64_t heads) {  // rows: (N, heads * hd)
     for (int64_t t = 0; t < N; ++t) {
-      const float* c = rope_cos_.data() + tok_pos[t] * half;
-      const float* s = rope_sin_.data() + tok_pos[t] * half;
+      const float* c = rope_cos.data() + t * half;
+      const float* s = rope_sin.data() + t * half;
       for (int64_t hh = 0; hh < heads; ++hh) {
         float* r = rows + (t * heads + hh) * hd;
         for (int64_t i = 0; i < half; ++i) {

@@ -23,6 +23,9 @@ namespace bitnet {
 enum class NormKind { SubLN, BitLinear, None };
 enum class FfnKind { SwiGLU, ReLU2 };
 
+// Longest context a config may declare (2^20 = 1,048,576 tokens: the 1M-token models fit).
+constexpr int64_t kMaxSeqLen = int64_t{1} << 20;
+
 struct ModelConfig {
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
@@ -78,6 +81,8 @@ struct Layer {
 // half the bytes a decode step reads, rounded to nearest even by fp32_to_fp16; the attention
 // arithmetic stays fp32).
 enum class KVType { F32, F16 };
+// Bytes of physical memory (0 when unknown).
+double physical_memory_bytes();
 KVType parse_kv_type(const std::string& name);  // "f32" | "f16"; throws std::invalid_argument
 const char* kv_type_name(KVType t);
 
@@ -175,7 +180,7 @@ class Model {
   std::vector<float> lm_head_q8_scale_;
   std::vector<float> final_norm_;
   std::vector<Layer> layers_;
-  std::vector<float> rope_cos_, rope_sin_;  // (max_seq_len, head_dim / 2)
+  std::vector<float> inv_freq_;  // (head_dim / 2,) RoPE frequencies
 };
 
 }  // namespace bitnet

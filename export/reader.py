@@ -22,7 +22,8 @@ import numpy as np
 from . import packing as packing_mod
 from .schema import (
     DENSE, DENSE_DTYPES, DTYPE_ITEMSIZE, FORMAT_NAME, FORMAT_VERSION, MAX_HEADER_BYTES, METADATA_KEYS,
-    TERNARY, FormatError, loads_strict, logical_tensors, linear_shapes, metadata_crc32, stored_tensors,
+    TERNARY, FormatError, loads_strict, logical_tensor_count, logical_tensors, linear_shapes, metadata_crc32,
+    stored_tensors,
     validate_config, validate_quant,
 )
 
@@ -158,6 +159,10 @@ class BitNetFile:
         p = self.path
         if not isinstance(tensors, dict):
             raise FormatError(f"{p}: metadata 'tensors' must be a JSON object")
+        count = logical_tensor_count(self.config)
+        if count > 4 * len(tensors) + 64:  # before anything is built per layer: a config may claim 10^12 layers
+            raise FormatError(f"{p}: metadata 'tensors' lists {len(tensors)} tensors; the config "
+                              f"(num_layers {self.config['num_layers']}, norm {self.config['norm']!r}) needs {count}")
         expected = logical_tensors(self.config)
         missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         if missing or unknown:

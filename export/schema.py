@@ -37,6 +37,7 @@ QUANT_KEYS = set(QUANT_FIXED) | {"packing", "eps"}
 _POS_INT = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
             "num_kv_heads", "head_dim", "max_seq_len")
 _POS_NUM = ("rope_theta", "rms_norm_eps")
+MAX_SEQ_LEN = 1 << 20  # the engine's kMaxSeqLen (csrc/engine.h)
 CONFIG_KEYS = set(_POS_INT) | set(_POS_NUM) | {"tie_embeddings", "norm", "ffn", "init_std"}
 NORMS = ("subln", "bitlinear", "none")
 FFNS = ("swiglu", "relu2")
@@ -69,6 +70,8 @@ def validate_config(cfg) -> dict:
     for k in _POS_INT:
         if not _is_int(cfg[k]) or cfg[k] <= 0:
             raise FormatError(f"config.{k} must be a positive integer, got {cfg[k]!r}")
+    if cfg["max_seq_len"] > MAX_SEQ_LEN:
+        raise FormatError(f"config.max_seq_len must be at most {MAX_SEQ_LEN} (2^20), got {cfg['max_seq_len']}")
     for k in _POS_NUM:
         if not _is_num(cfg[k]) or cfg[k] <= 0:
             raise FormatError(f"config.{k} must be a positive number, got {cfg[k]!r}")
@@ -131,6 +134,13 @@ def dense_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     if not cfg["tie_embeddings"]:
         out["lm_head.weight"] = (v, d)
     return out
+
+
+def logical_tensor_count(cfg: dict) -> int:
+    """len(logical_tensors(cfg)), by arithmetic: what a reader compares with a file's tensor list
+    before it builds anything per layer (a config may claim 10^12 layers)."""
+    per_layer = 7 + 2 + {"subln": 2, "bitlinear": 7}.get(cfg["norm"], 0)
+    return cfg["num_layers"] * per_layer + 2 + (0 if cfg["tie_embeddings"] else 1)
 
 
 def logical_tensors(cfg: dict) -> dict[str, tuple[int, ...]]:

@@ -138,6 +138,23 @@ def test_shapes_disagree_with_config(good_file, tmp_path):
     expect(mutate_meta(good_file, tmp_path / "b", "config", lambda c: {**c, "hidden_size": 48}, as_json=True), "tensors")
 
 
+@pytest.mark.parametrize("layers", [10**12, 2**31, 2**63 - 1])
+def test_a_config_claiming_huge_layer_counts_is_refused_before_anything_is_sized(good_file, tmp_path, layers):
+    """Nothing per layer is built before the count is compared with the file's tensor list (this
+    config once made the reader allocate by it: the OOM killer, or MemoryError under a limit)."""
+    import resource
+
+    bad = mutate_meta(good_file, tmp_path / "a", "config", lambda c: {**c, "num_layers": layers}, as_json=True)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    expect(bad, f"num_layers {layers}")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB: nothing big was allocated
+
+
+def test_a_config_claiming_an_endless_context_is_refused(good_file, tmp_path):
+    expect(mutate_meta(good_file, tmp_path / "a", "config", lambda c: {**c, "max_seq_len": 2**31}, as_json=True),
+           "max_seq_len must be at most 1048576")
+
+
 def test_tensor_set_and_entries(good_file, tmp_path):
     header, data = read_raw(good_file)
     h = json.loads(json.dumps(header))

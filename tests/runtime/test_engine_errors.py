@@ -116,3 +116,20 @@ def test_threads_do_not_change_results():
     a = Engine(CFG, t, threads=1).forward(list(range(12)))
     b = Engine(CFG, t, threads=2).forward(list(range(12)))
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_context_of_a_million_tokens_sizes_nothing_until_a_cache_asks():
+    """RoPE angles are formed per forward, so a 2^20-token context costs nothing at load; a KV cache
+    larger than this machine's memory is refused with its size named, before any allocation."""
+    import resource
+
+    cfg = dict(CFG, max_seq_len=1 << 20)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    eng = Engine(cfg, random_tensors(cfg), threads=1)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 32 * 1024  # KiB
+    short = eng.forward([[3, 4, 5]], last_only=True)
+    assert np.array_equal(short, Engine(CFG, random_tensors(CFG), threads=1).forward([[3, 4, 5]], last_only=True))
+    with pytest.raises(ValueError, match=r"needs \d+ MiB; this machine has \d+ MiB"):
+        eng.new_cache(65536, 1 << 20)
+    with pytest.raises(ValueError, match="max_seq_len = 2097152; expected at most 1048576"):
+        Engine(dict(CFG, max_seq_len=1 << 21), random_tensors(CFG), threads=1)
