@@ -8,9 +8,14 @@ from .cli_errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import compose_config
+    from .extras import require
 
     argv = sys.argv[1:] if argv is None else argv
+    code = run_cli(lambda: require("train", "training (python -m bitnet_train)"))
+    if code:
+        return code
+    from .config import compose_config
+
     if argv and argv[0] in ("-h", "--help"):
         from .config import available_recipes
 

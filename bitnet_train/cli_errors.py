@@ -21,10 +21,8 @@ def run_cli(fn: Callable[[], object]) -> int:
     except BitNetError as e:
         if os.environ.get("BITNET_TRACEBACK"):
             raise
-        from .lightning_module import NonFiniteLossError
-
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_RUN_FAILED if isinstance(e, NonFiniteLossError) else EXIT_USER_ERROR
+        return getattr(e, "exit_code", EXIT_USER_ERROR)  # a failed run (NonFiniteLossError) says 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -7,6 +7,7 @@ import math
 import lightning as L
 import torch
 
+from .cli_errors import EXIT_RUN_FAILED
 from .errors import BitNetError
 from .model import BitNetModel, ModelConfig, QuantConfig
 from .quant import lambda_at, set_model_lambda
@@ -15,6 +16,8 @@ from .schedule import OptimConfig, lr_multiplier, weight_decay_at
 
 class NonFiniteLossError(BitNetError):
     """Training produced a NaN/inf loss or gradient; the last good checkpoint is kept."""
+
+    exit_code = EXIT_RUN_FAILED  # a failed run, not a bad command line
 
 
 class BitNetLM(L.LightningModule):

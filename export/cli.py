@@ -113,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run():
+        from ..extras import require
+
+        require("train", "bitnet-export")  # reading runs and checkpoints is torch's
+        if args.format == "gguf":
+            require("gguf", "bitnet-export --format gguf")
         try:
             export(args)
         except OSError as e:  # disk full, permissions, ...: one line, like every other user error

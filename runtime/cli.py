@@ -210,6 +210,10 @@ def cmd_eval(args) -> None:
         path = Path(args.text)
         if not path.is_file():
             raise CLIError(f"text file {path} does not exist")
+    else:
+        from ..extras import require
+
+        require("eval", "eval --dataset")
     eng = _load_engine(args)  # a bad model file is reported before anything is read
     if args.text is not None:
         source = {"file": str(path)}
@@ -354,11 +358,9 @@ def add_serve_args(p):
 
 def cmd_serve(args) -> None:
     """Serve the model over the OpenAI HTTP API (chat, completions, streaming) with continuous batching."""
-    from .serve import missing_serve_modules
+    from ..extras import require
 
-    missing = missing_serve_modules()
-    if missing:
-        raise CLIError(f"serve needs {', '.join(missing)}: pip install 'bitnet-train[serve]'")
+    require("serve", "bitnet-run serve")
     for name, v, lo in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
                         ("--step-tokens", args.step_tokens, 1), ("--idle-step-tokens", args.idle_step_tokens, 1),
                         ("--max-body", args.max_body, 1)):

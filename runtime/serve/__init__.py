@@ -6,12 +6,3 @@ app.py        the FastAPI app: endpoints, streaming, auth, body limit, metrics, 
 metrics.py    Prometheus metrics
 static/       the chat page served at /
 """
-
-SERVE_EXTRA_MODULES = ("fastapi", "uvicorn", "prometheus_client")
-
-
-def missing_serve_modules() -> list[str]:
-    """The serve extra's modules that are not installed (found without importing them)."""
-    import importlib.util
-
-    return [m for m in SERVE_EXTRA_MODULES if importlib.util.find_spec(m) is None]
