@@ -109,4 +109,4 @@ def test_serve_without_the_serve_extra_names_it(files, capsys, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
     assert main(["serve", str(files["model"])]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == "error: serve needs uvicorn: pip install 'bitnet-train[serve]'"
+    assert err.strip() == "error: bitnet-run serve needs uvicorn, which is not installed: pip install 'bitnet-train[serve]'"
