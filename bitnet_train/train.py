@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -56,6 +57,53 @@ class KillAtStep(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step >= self.step:
             os._exit(137)
+
+
+class PlainProgress(Callback):
+    """Progress where no terminal watches (output redirected to a file, nohup, a batch scheduler, CI):
+    one plain line every `interval_s` seconds and at the last step, on rank zero:
+    `step 120/1000 (12%) | tokens 245,760 | loss 3.4120 | lr 2.00e-04 | 1,234 tok/s | ETA 12m30s`."""
+
+    def __init__(self, interval_s: float = 30.0, stream=None):
+        self.interval_s, self.stream = float(interval_s), stream
+        self._t0 = self._step0 = self._last = None
+
+    def on_train_start(self, trainer, pl_module):
+        self._t0, self._step0, self._last = time.monotonic(), trainer.global_step, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not trainer.is_global_zero or self._t0 is None:
+            return
+        now, step, total = time.monotonic(), trainer.global_step, trainer.max_steps
+        if step < total and self._last is not None and now - self._last < self.interval_s:
+            return
+        self._last = now
+        m = trainer.callback_metrics
+        parts = [f"step {step}/{total} ({100 * step // max(total, 1)}%)"]
+        tokens = float(m["train/tokens"]) if "train/tokens" in m else None
+        if tokens is not None:
+            parts.append(f"tokens {int(tokens):,}")
+        if "train/loss" in m:
+            parts.append(f"loss {float(m['train/loss']):.4f}")
+        if trainer.optimizers:
+            parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.2e}")
+        done, elapsed = step - self._step0, now - self._t0
+        if done > 0 and elapsed > 0:
+            if tokens is not None and step > 0:
+                parts.append(f"{tokens / step * done / elapsed:,.0f} tok/s")
+            left = (total - step) * elapsed / done
+            parts.append(f"ETA {int(left // 60)}m{int(left % 60):02d}s")
+        print(" | ".join(parts), file=self.stream or sys.stdout, flush=True)
+
+
+def progress_kind(setting: str, tty: bool) -> str:
+    """callbacks.progress_bar -> what runs: a bar (rich, tqdm) only on a terminal, else plain lines."""
+    if setting not in PROGRESS_BARS:
+        raise ConfigError(f"callbacks.progress_bar must be one of {', '.join(PROGRESS_BARS)}, got {setting!r}")
+    return "plain" if setting in ("rich", "tqdm") and not tty else setting
+
+
+PROGRESS_BARS = ("rich", "tqdm", "plain", "none")
 
 
 # -- config pieces ---------------------------------------------------------------------------------
@@ -340,10 +388,13 @@ def _make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         ),
         LearningRateMonitor(logging_interval="step"),
     ]
-    if c.progress_bar == "rich":
+    bar = progress_kind(str(c.progress_bar), sys.stderr.isatty())
+    if bar == "rich":
         callbacks.append(RichProgressBar(leave=True))
-    elif c.progress_bar == "tqdm":
+    elif bar == "tqdm":
         callbacks.append(TQDMProgressBar())
+    elif bar == "plain":
+        callbacks.append(PlainProgress(float(c.get("progress_interval_s", 30))))
     if cfg.debug_kill_at_step:
         callbacks.append(KillAtStep(int(cfg.debug_kill_at_step)))
 
@@ -371,7 +422,7 @@ def _make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         log_every_n_steps=int(t.log_every_n_steps),
         callbacks=callbacks,
         logger=loggers,
-        enable_progress_bar=c.progress_bar != "none",
+        enable_progress_bar=bar in ("rich", "tqdm"),
         enable_model_summary=False,
         plugins=[AtomicCheckpointIO()],
         deterministic=False,

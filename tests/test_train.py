@@ -83,6 +83,33 @@ def test_tiny_run_writes_model_dir_and_reports(corpus, tmp_path):
     assert result["val_loss"] < 6.0
 
 
+def test_a_run_whose_output_is_a_file_prints_plain_progress_lines(corpus, tmp_path):
+    """No terminal (captured output, like nohup or a batch scheduler): the default rich bar gives way
+    to a plain line per interval (0 s here: every step) with step, tokens, loss, lr, tok/s, ETA."""
+    import re
+
+    r = cli(tiny_overrides(corpus, tmp_path / "runs" / "p", **{"callbacks.progress_bar": "rich",
+                                                               "callbacks.progress_interval_s": 0}), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [x for x in r.stdout.splitlines() if x.startswith("step ")]
+    pattern = (r"step (\d)/8 \(\d+%\) \| tokens ([\d,]+) \| loss \d+\.\d{4} \| lr \d\.\d\de[-+]\d\d \| "
+               r"[\d,]+ tok/s \| ETA \d+m\d\ds")
+    matches = [re.fullmatch(pattern, x) for x in lines]
+    assert lines and all(matches), lines
+    assert [int(m.group(1)) for m in matches] == list(range(1, 9))
+    assert int(matches[-1].group(2).replace(",", "")) == 8 * 4 * 32  # steps x batch x block
+
+
+def test_progress_kind():
+    from bitnet_train.errors import ConfigError
+    from bitnet_train.train import progress_kind
+
+    assert progress_kind("rich", tty=True) == "rich" and progress_kind("tqdm", tty=False) == "plain"
+    assert progress_kind("none", tty=False) == "none" and progress_kind("plain", tty=True) == "plain"
+    with pytest.raises(ConfigError, match="progress_bar must be one of"):
+        progress_kind("fancy", tty=True)
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_weights(corpus, tmp_path):
     straight = tmp_path / "straight"
