@@ -213,7 +213,7 @@ def cmd_eval(args) -> None:
     else:
         from ..extras import require
 
-        require("eval", "eval --dataset")
+        require("eval", "eval --dataset", only=("datasets",))
     eng = _load_engine(args)  # a bad model file is reported before anything is read
     if args.text is not None:
         source = {"file": str(path)}
@@ -407,6 +407,31 @@ def cmd_serve(args) -> None:
         raise failed[0]
 
 
+def add_lm_eval_args(p):
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, metavar="...",
+                   help="lm-eval's own arguments, e.g. --model bitnet --model_args pretrained=model.bitnet --tasks T")
+
+
+def cmd_lm_eval(args) -> None:
+    """Run EleutherAI's lm-evaluation-harness with our `bitnet` model type registered (the [eval] extra)."""
+    from ..extras import require
+
+    require("eval", "bitnet-run lm-eval")
+    from lm_eval.__main__ import cli_evaluate
+
+    from . import lm_eval_model  # noqa: F401 - registers the `bitnet` model type
+
+    argv = sys.argv
+    sys.argv = ["lm-eval", *args.lm_eval_args]
+    try:
+        cli_evaluate()
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise CLIError(f"lm-eval exited with status {e.code}") from None
+    finally:
+        sys.argv = argv
+
+
 # ---- the one place subcommands are registered -----------------------------------------------------
 
 SUBCOMMANDS = {
@@ -416,6 +441,7 @@ SUBCOMMANDS = {
     "bench": (add_bench_args, cmd_bench),
     "random-model": (add_random_model_args, cmd_random_model),
     "serve": (add_serve_args, cmd_serve),
+    "lm-eval": (add_lm_eval_args, cmd_lm_eval),
 }
 
 
@@ -424,15 +450,20 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for name, (add_args, fn) in SUBCOMMANDS.items():
-        sp = sub.add_parser(name, help=fn.__doc__.split("\n")[0], description=fn.__doc__)
+        sp = sub.add_parser(name, help=fn.__doc__.split("\n")[0], description=fn.__doc__,
+                            add_help=name != "lm-eval")  # lm-eval's --help is lm-eval's
         add_args(sp)
         sp.set_defaults(func=fn)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
+        if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's, --help included
+            args = argparse.Namespace(func=cmd_lm_eval, lm_eval_args=argv[1:])
+        else:
+            args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed as one line
         return e.code if isinstance(e.code, int) else 0
     try:
