@@ -56,6 +56,7 @@ def _schema_fields() -> dict[str, set[str]]:
 
 
 def _schema_override(override: str) -> str:
+    """`group.field=value` -> `++group.field=value` for a dataclass field the group's YAML may lack."""
     key, sep, value = override.partition("=")
     group, dot, field = key.partition(".")
     if sep and dot and not key.startswith(("+", "~")) and field in _schema_fields().get(group, ()):

@@ -100,6 +100,71 @@ def test_a_run_whose_output_is_a_file_prints_plain_progress_lines(corpus, tmp_pa
     assert int(matches[-1].group(2).replace(",", "")) == 8 * 4 * 32  # steps x batch x block
 
 
+def test_hydra_cfg_job_prints_the_composed_config(tmp_path):
+    import yaml
+
+    r = cli(["recipe=shakespeare_tiny", "optim.lr=0.002", "--cfg", "job"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = yaml.safe_load(r.stdout)
+    assert cfg["name"] == "shakespeare_tiny" and cfg["optim"]["lr"] == 0.002 and "hydra" not in cfg
+    assert not (tmp_path / "runs").exists()  # printing runs nothing
+    r = cli(["--help"], tmp_path)
+    assert r.returncode == 0 and "recipe: shakespeare_tiny" in r.stdout and "--multirun" in r.stdout
+
+
+def test_a_hydra_multirun_sweep_leaves_a_run_directory_per_job(corpus, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = [a for a in tiny_overrides(corpus, tmp_path / "unused", **{"trainer.max_steps": 2,
+                                                                        "trainer.val_check_interval": 2})
+            if not a.startswith("run_dir=")]
+    r = cli(["-m", *args, "optim.lr=0.001,0.003", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for job, lr in ((0, 0.001), (1, 0.003)):
+        run_dir = sweep / str(job)
+        assert (run_dir / "model" / "model.safetensors").is_file()
+        assert json.loads((run_dir / "model" / "config.json").read_text())  # a model directory
+        assert (run_dir / ".hydra" / "overrides.yaml").is_file()  # Hydra's own record of the job
+        assert f"optim.lr={lr}" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+    results = [json.loads(x) for x in (sweep / "results.jsonl").read_text().splitlines()]
+    assert [Path(x["run_dir"]).name for x in results] == ["0", "1"]  # each job appended
+
+
+@pytest.mark.slow
+def test_an_installed_launcher_runs_the_sweep(corpus, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="hydra-joblib-launcher is not installed")
+    sweep = tmp_path / "sweep"
+    args = [a for a in tiny_overrides(corpus, tmp_path / "unused", **{"trainer.max_steps": 2,
+                                                                        "trainer.val_check_interval": 2})
+            if not a.startswith("run_dir=")]
+    r = cli(["-m", *args, "seed=1,2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"],
+            tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in r.stdout + r.stderr  # the launcher ran the jobs
+    assert all((sweep / str(j) / "model" / "model.safetensors").is_file() for j in (0, 1))
+
+
+def test_hydra_run_dir_is_honoured(corpus, tmp_path):
+    out = tmp_path / "here"
+    args = [a for a in tiny_overrides(corpus, tmp_path / "unused", **{"trainer.max_steps": 2,
+                                                                        "trainer.val_check_interval": 2})
+            if not a.startswith("run_dir=")]
+    r = cli([*args, f"hydra.run.dir={out}"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "model" / "model.safetensors").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["-m", "recipe=nope"], "unknown recipe 'nope'"),
+    (["-m", "recipe=shakespeare_tiny", "optim.nope=1,2"], "unknown config key 'optim.nope'"),
+    (["recipe=shakespeare_tiny", "optim.lr=[", "--cfg", "job"], "optim.lr"),
+])
+def test_a_bad_override_on_hydras_command_line_is_one_line(tmp_path, argv, match):
+    r = cli(argv, tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], r.stderr
+
+
 def test_progress_kind():
     from bitnet_train.errors import ConfigError
     from bitnet_train.train import progress_kind
