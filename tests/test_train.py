@@ -110,6 +110,10 @@ def test_hydra_cfg_job_prints_the_composed_config(tmp_path):
     assert not (tmp_path / "runs").exists()  # printing runs nothing
     r = cli(["--help"], tmp_path)
     assert r.returncode == 0 and "recipe: shakespeare_tiny" in r.stdout and "--multirun" in r.stdout
+    r = cli(["--info", "defaults"], tmp_path)
+    assert r.returncode == 0 and "model/tiny" in r.stdout and "Defaults List" in r.stdout
+    r = cli(["--shell-completion", "install=bash"], tmp_path)
+    assert r.returncode == 0 and "hydra_bash_completion" in r.stdout
 
 
 def test_a_hydra_multirun_sweep_leaves_a_run_directory_per_job(corpus, tmp_path):
