@@ -79,6 +79,7 @@ def main(argv=None) -> None:
     p.add_argument("--seconds", type=int, default=None)
     p.add_argument("--artifacts", type=Path, default=Path("fuzz-artifacts"))
     p.add_argument("--corpus", type=Path, default=None, help="default: a temporary directory")
+    p.add_argument("--parallel", type=int, default=1, help="independent fuzzer processes (--runs split between them)")
     args = p.parse_args(argv)
     if args.runs is None and args.seconds is None:
         p.error("give --runs N or --seconds S")
@@ -87,20 +88,32 @@ def main(argv=None) -> None:
     corpus = args.corpus or Path(tmp.name) / "corpus"
     seeds = write_seeds(corpus)
     args.artifacts.mkdir(parents=True, exist_ok=True)
-    cmd = [str(binary), str(corpus), f"-artifact_prefix={args.artifacts}/", "-rss_limit_mb=2048",
-           "-malloc_limit_mb=2048", "-timeout=20", "-print_final_stats=1", "-max_len=4096"]
-    if args.runs is not None:
-        cmd.append(f"-runs={args.runs}")
-    if args.seconds is not None:
-        cmd.append(f"-max_total_time={args.seconds}")
-    print(f"fuzz_engine: {seeds} seeds from real exports; {' '.join(cmd)}", flush=True)
-    r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
-    out = r.stdout + r.stderr
-    sys.stdout.write(out[-4000:])
-    stats = dict(re.findall(r"stat::(\w+):\s+(\d+)", out))
-    print(f"fuzz_engine: exit {r.returncode}, {stats.get('number_of_executed_units')} executions, peak RSS "
-          f"{stats.get('peak_rss_mb')} MB, findings: {sorted(x.name for x in args.artifacts.iterdir())}")
-    sys.exit(r.returncode)
+    procs = []
+    for k in range(max(1, args.parallel)):
+        work = corpus if k == 0 else corpus.parent / f"corpus{k}"
+        if k:
+            shutil.copytree(corpus, work, dirs_exist_ok=True)
+        cmd = [str(binary), str(work), f"-artifact_prefix={args.artifacts}/", "-rss_limit_mb=2048",
+               "-malloc_limit_mb=2048", "-timeout=20", "-print_final_stats=1", "-max_len=4096", f"-seed={k + 1}"]
+        if args.runs is not None:
+            cmd.append(f"-runs={args.runs // max(1, args.parallel)}")
+        if args.seconds is not None:
+            cmd.append(f"-max_total_time={args.seconds}")
+        print(f"fuzz_engine: {seeds} seeds from real exports; {' '.join(cmd)}", flush=True)
+        procs.append(subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    codes, total, peak = [], 0, 0
+    for proc in procs:
+        out = proc.communicate()[0]
+        codes.append(proc.returncode)
+        sys.stdout.write(out[-4000:])
+        stats = dict(re.findall(r"stat::(\w+):\s+(\d+)", out))
+        total += int(stats.get("number_of_executed_units", 0))
+        peak = max(peak, int(stats.get("peak_rss_mb", 0)))
+    print(f"stat::number_of_executed_units: {total}\nstat::peak_rss_mb: {peak}")
+    print(f"fuzz_engine: exit codes {codes}, {total} executions in all, peak RSS {peak} MB, findings: "
+          f"{sorted(x.name for x in args.artifacts.iterdir())}")
+    sys.exit(max(codes))
 
 
 if __name__ == "__main__":

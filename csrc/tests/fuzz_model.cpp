@@ -39,14 +39,14 @@ struct Reader {
 constexpr size_t kBacking = 8 << 20;  // every tensor points into this zeroed buffer: shapes beyond it are skipped
 alignas(64) static uint8_t g_backing[kBacking];
 
-int64_t bytes_of(const TensorRef& t) {
-  int64_t e = 1;
+int64_t bytes_of(const TensorRef& t) {  // -1 when the tensor would not fit the backing buffer
+  int64_t bytes = dtype_size(t.dtype);
   for (int64_t d : t.shape) {
     if (d <= 0 || d > (int64_t{1} << 31)) return -1;
-    e *= d;
-    if (e > static_cast<int64_t>(kBacking)) return -1;
+    bytes *= d;
+    if (bytes > static_cast<int64_t>(kBacking)) return -1;
   }
-  return e * dtype_size(t.dtype);
+  return bytes;
 }
 
 }  // namespace
