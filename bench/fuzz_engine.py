@@ -100,11 +100,14 @@ def main(argv=None) -> None:
         if args.seconds is not None:
             cmd.append(f"-max_total_time={args.seconds}")
         print(f"fuzz_engine: {seeds} seeds from real exports; {' '.join(cmd)}", flush=True)
-        procs.append(subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        log = open(corpus.parent / f"fuzz{k}.log", "w+")  # a file, not a pipe: nobody must block on output
+        procs.append((subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
+                                       stderr=subprocess.STDOUT), log))
     codes, total, peak = [], 0, 0
-    for proc in procs:
-        out = proc.communicate()[0]
+    for proc, log in procs:
+        proc.wait()
+        log.seek(0)
+        out = log.read()
         codes.append(proc.returncode)
         sys.stdout.write(out[-4000:])
         stats = dict(re.findall(r"stat::(\w+):\s+(\d+)", out))
