@@ -116,27 +116,63 @@ def _dense_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return dense_shapes(cfg)
 
 
-def _dense_value(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
+CHUNK_VALUES = 1 << 24  # random values drawn at a time
+
+
+def _random_tensor(cfg: dict, name: str, seed: int, packing: str = "i2_b128") -> np.ndarray:
+    """The stored array of tensor `name` (FORMAT.md section 2) of a random model: ternary codes
+    uniform over {-1, 0, 1} packed, scale BENCH_SCALE, norms 1, other dense tensors uniform in
+    [-0.05, 0.05) as fp16; drawn in row chunks of CHUNK_VALUES. Depends only on (seed, name)."""
+    import zlib
+
+    from bitnet_train.export import packing as packing_mod
+
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    base, _, part = name.rpartition(".")
+    if part == "scale":
+        return np.array([BENCH_SCALE], "<f4")
+    if part == "qweight":
+        n_out, n_in = _linear_shapes(cfg)[base]
+        rows = max(1, CHUNK_VALUES // n_in)
+        if packing != "i2_b128":
+            return np.concatenate([packing_mod.pack(rng.integers(-1, 2, size=(min(rows, n_out - r), n_in), dtype=np.int8),
+                                                    packing) for r in range(0, n_out, rows)])
+        # i2_b128 drawn as its 2-bit fields q = c + 1 (3x faster than packing drawn codes): field k of
+        # byte j in block b is element 128 b + 32 k + j (cpu/i2_b128.h); padding elements get q = 1 (c = 0)
+        row_bytes = -(-n_in // 128) * 32
+        col = np.arange(row_bytes)[:, None]
+        pad = (col // 32) * 128 + np.arange(4)[None, :] * 32 + col % 32 >= n_in  # (row_bytes, 4)
+        out = np.empty((n_out, row_bytes), np.uint8)
+        for r in range(0, n_out, rows):
+            q = rng.integers(0, 3, size=(min(rows, n_out - r), row_bytes, 4), dtype=np.uint8)
+            if pad.any():
+                q[:, pad] = 1
+            out[r:r + rows] = q[..., 0] | q[..., 1] << 2 | q[..., 2] << 4 | q[..., 3] << 6
+        return out
+    shape = _dense_shapes(cfg)[name]
     if len(shape) == 1:  # norm weights
-        return np.ones(shape, np.float32)
-    return (rng.random(shape, dtype=np.float32) - 0.5) * 0.1
+        return np.ones(shape, "<f2")
+    out = np.empty(shape, "<f2")
+    rows = max(1, CHUNK_VALUES // shape[1])
+    for r in range(0, shape[0], rows):
+        block = out[r:r + rows]
+        block[...] = (rng.random(block.shape, dtype=np.float32) - 0.5) * 0.1
+    return out
+
+
+def _random_kinds(cfg: dict) -> dict[str, str]:
+    from bitnet_train.export.schema import DENSE, TERNARY
+
+    return {**{n: TERNARY for n in _linear_shapes(cfg)}, **{n: DENSE for n in _dense_shapes(cfg)}}
 
 
 def random_model(shape: str | dict, max_seq_len: int, seed: int = 0, tie: bool = False) -> tuple[dict, dict]:
-    """(config, tensors) for Engine(config, tensors): i2_b128 codes drawn directly as packed bytes."""
+    """(config, tensors) for Engine(config, tensors): the tensors write_random_model writes (i2_b128)."""
+    from bitnet_train.export.schema import stored_tensors
+
     cfg = shape_config(shape, max_seq_len, tie)
-    rng = np.random.default_rng(seed)
-
-    def packed(n_out: int, n_in: int) -> np.ndarray:
-        # each 2-bit field uniform over {0, 1, 2} (codes -1, 0, 1), including the padding of the last block
-        q = rng.integers(0, 3, size=(n_out, -(-n_in // 128) * 32, 4), dtype=np.uint8)
-        return q[..., 0] | q[..., 1] << 2 | q[..., 2] << 4 | q[..., 3] << 6
-
-    tensors = {n: _dense_value(rng, n, s).astype(np.float16) for n, s in _dense_shapes(cfg).items()}
-    for name, (n_out, n_in) in _linear_shapes(cfg).items():
-        tensors[f"{name}.qweight"] = packed(n_out, n_in)
-        tensors[f"{name}.scale"] = np.array([BENCH_SCALE], np.float32)
-    return cfg, tensors
+    names = stored_tensors(cfg, _random_kinds(cfg), "i2_b128", "F16")
+    return cfg, {n: _random_tensor(cfg, n, seed) for n in names}
 
 
 def write_random_model(path: str | Path, shape: str | dict, max_seq_len: int = 2048, seed: int = 0, tie: bool = False,
@@ -144,44 +180,16 @@ def write_random_model(path: str | Path, shape: str | dict, max_seq_len: int = 2
     """A .bitnet file of a named shape (or dimensions) with random ternary weights (fp16 dense
     tensors), written atomically tensor by tensor (export.writer.write_tensors): each tensor is
     drawn in row chunks as it is written, so the peak memory is about the largest tensor, not the
-    file (a 70B file on a 24 GiB machine). Each tensor's values depend only on (seed, its name)."""
-    import zlib
-
+    file (a 70B file on a 24 GiB machine)."""
     from bitnet_train import __version__
-    from bitnet_train.export import packing as packing_mod
-    from bitnet_train.export.schema import DENSE, TERNARY
     from bitnet_train.export.writer import write_tensors
 
     cfg = shape_config(shape, max_seq_len, tie)
-    linears, dense = _linear_shapes(cfg), _dense_shapes(cfg)
-    kinds = {**{n: TERNARY for n in linears}, **{n: DENSE for n in dense}}
-    chunk_elems = 1 << 24  # values drawn at a time
-
-    def produce(name: str) -> np.ndarray:
-        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-        base, _, part = name.rpartition(".")
-        if part == "scale":
-            return np.array([BENCH_SCALE], "<f4")
-        if part == "qweight":
-            n_out, n_in = linears[base]
-            rows = max(1, chunk_elems // n_in)
-            return np.concatenate([packing_mod.pack(rng.integers(-1, 2, size=(min(rows, n_out - r), n_in), dtype=np.int8),
-                                                    packing) for r in range(0, n_out, rows)])
-        shape_ = dense[name]
-        if len(shape_) == 1:  # norm weights
-            return np.ones(shape_, "<f2")
-        out = np.empty(shape_, "<f2")
-        rows = max(1, chunk_elems // shape_[1])
-        for r in range(0, shape_[0], rows):
-            block = out[r:r + rows]
-            block[...] = (rng.random(block.shape, dtype=np.float32) - 0.5) * 0.1
-        return out
-
     provenance = {"recipe": f"random:{shape_name(shape)}", "step": 0, "source": "bitnet-run random-model", "source_sha256": "",
                   "exporter": f"bitnet_train.runtime {__version__}", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "ptq": False, "seed": seed}
-    return write_tensors(path, cfg, 1e-5, kinds, produce, packing=packing, dense_dtype="F16",
-                         tokenizer_json=tokenizer_json, provenance=provenance)
+    return write_tensors(path, cfg, 1e-5, _random_kinds(cfg), lambda name: _random_tensor(cfg, name, seed, packing),
+                         packing=packing, dense_dtype="F16", tokenizer_json=tokenizer_json, provenance=provenance)
 
 
 def read_bandwidth(threads: int, isa: str = "", mib: int = 1024, repeats: int = 5) -> float:

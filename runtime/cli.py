@@ -70,14 +70,22 @@ def _sampling(args):
                           repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
-def _load_engine(args):
-    """The engine on --device (runtime/device.py: DeviceError with the reason when CUDA is not usable)."""
-    from .device import load_engine, require_device
+def _model_file(args) -> Path:
+    """MODEL, checked before anything is loaded; --device checked too (DeviceError with the reason)."""
+    from .device import require_device
 
     require_device(args.device)
     path = Path(args.model)
     if not path.is_file():
         raise CLIError(f"model file {path} does not exist" if not path.exists() else f"model {path} is not a file")
+    return path
+
+
+def _load_engine(args):
+    """The engine on --device (runtime/device.py: DeviceError with the reason when CUDA is not usable)."""
+    from .device import load_engine
+
+    path = _model_file(args)
     return load_engine(path, args.device, isa=args.isa, threads=args.threads, lm_head=args.lm_head,
                        kv_cache=args.kv_cache)
 
@@ -370,12 +378,7 @@ def cmd_serve(args) -> None:
         raise CLIError(f"--ctx must be >= 1, got {args.ctx}")
     if not args.step_time_factor > 1:
         raise CLIError(f"--step-time-factor must be > 1, got {args.step_time_factor}")
-    from .device import require_device
-
-    require_device(args.device)
-    path = Path(args.model)
-    if not path.is_file():
-        raise CLIError(f"model file {path} does not exist" if not path.exists() else f"model {path} is not a file")
+    path = _model_file(args)  # before the server starts; the loader (in its thread) loads it
     import uvicorn
 
     from .serve.app import create_app

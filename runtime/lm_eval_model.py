@@ -25,14 +25,8 @@ from lm_eval.api.registry import register_model
 
 from .engine import Engine
 from .generate import Generator
-from .sampling import SamplingParams
+from .sampling import SamplingParams, log_softmax
 from .tokenizer import Tokenizer
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
 
 
 @register_model("bitnet")
@@ -95,7 +89,7 @@ class BitNetEvalLM(TemplateLM):
             if isinstance(logits, np.ndarray):  # rectangular: (B, T, vocab)
                 logits = list(logits)
             for lg, (_, n, cont) in zip(logits, batch):
-                lp = _log_softmax(lg)
+                lp = log_softmax(lg)
                 out.append((float(lp[np.arange(n), cont].sum()), bool((lp.argmax(axis=-1) == np.asarray(cont)).all())))
         return out
 

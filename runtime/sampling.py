@@ -68,6 +68,13 @@ def apply_repetition_penalty(logits: np.ndarray, context: Sequence[int] | np.nda
     return out
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """float64 log-probabilities over the last axis (the serve API's and lm-eval's logprobs)."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
+
+
 def apply_penalties(logits: np.ndarray, params: SamplingParams, context: Sequence[int] | np.ndarray = (),
                     generated: Sequence[int] | np.ndarray = ()) -> np.ndarray:
     """A copy of logits with the repetition penalty (over context) and then the presence and

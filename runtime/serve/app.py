@@ -144,12 +144,11 @@ def create_app(engine_or_loader, *, model_name: str = "bitnet", api_key: str | N
 
     @app.get("/health")
     async def health():
-        if state.load_error:
-            return JSONResponse({"status": "error", "error": state.load_error}, status_code=503)
-        if state.scheduler is None:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        if state.scheduler.dead:
-            return JSONResponse({"status": "error", "error": state.scheduler.dead}, status_code=503)
+        try:
+            state.ready_scheduler()
+        except P.APIError as e:  # 503 while loading, or naming why it cannot serve
+            body = {"status": "loading"} if e.code == "model_loading" else {"status": "error", "error": e.message}
+            return JSONResponse(body, status_code=e.status)
         return {"status": "ok"}
 
     @app.get("/metrics")

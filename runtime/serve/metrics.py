@@ -60,7 +60,7 @@ class ServerMetrics:
         self.reused_tokens.inc(reused)
         self.queue_time.observe(queue_seconds)
 
-    def observe_step(self, seconds: float, tokens: int, decoding: int) -> None:
+    def observe_step(self, seconds: float, tokens: int) -> None:
         self.step_seconds.observe(seconds)
         self.step_tokens.inc(tokens)
 

@@ -37,8 +37,8 @@ from typing import NamedTuple
 import numpy as np
 
 from ...errors import BitNetError
-from ..generate import PromptTooLongError, RunningSequence
-from ..sampling import Sampler, SamplingParams
+from ..generate import Completion, PromptTooLongError, RunningSequence
+from ..sampling import Sampler, SamplingParams, log_softmax
 from ..tokenizer import Tokenizer
 
 MAX_TOP_LOGPROBS = 20
@@ -84,13 +84,24 @@ class SchedulerError(NamedTuple):
 
 @dataclass
 class SequenceResult:
-    """What a sequence produced, filled as it runs (RequestHandle.results)."""
+    """What a sequence produced, as it runs (RequestHandle.results): its Completion (generate.py)
+    read through, plus what only the scheduler knows."""
 
     prompt_tokens: int
     cached_tokens: int = 0  # prompt tokens reused from a slot's cache (prefix reuse)
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
+    completion: Completion | None = None  # set when the sequence is queued
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.completion.token_ids
+
+    @property
+    def text(self) -> str:
+        return self.completion.text
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.completion.finish_reason
 
 
 class _Seq:
@@ -107,6 +118,7 @@ class _Seq:
         self.fed = 0  # tokens of text.ids whose K/V the slot holds
         self.last_token_time = 0.0
         self.result = handle.results[choice]
+        self.result.completion = self.text.out
 
     @property
     def prompt_len(self) -> int:
@@ -178,10 +190,7 @@ class RequestHandle:
         Idempotent; callable from any thread."""
         if not self.cancelled and self._open:
             self.cancelled = True
-            try:
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, _CANCELLED)
-            except RuntimeError:  # the loop is closed
-                pass
+            _post(self._loop, [(self, _CANCELLED)])
             self._scheduler._wake()
 
 
@@ -436,9 +445,10 @@ class Scheduler:
             return
         now = time.perf_counter()
         self.steps += 1
-        self.budget.observe(len(decode), sum(len(r) for r in rows) - len(decode), now - t0)
+        fed = sum(len(r) for r in rows)
+        self.budget.observe(len(decode), fed - len(decode), now - t0)
         if self.metrics is not None:
-            self.metrics.observe_step(now - t0, sum(len(r) for r in rows), len(decode))
+            self.metrics.observe_step(now - t0, fed)
         outbox: dict[asyncio.AbstractEventLoop, list] = {}
         for row, (s, fed) in enumerate(zip(seqs, rows)):
             s.fed += len(fed)
@@ -461,20 +471,14 @@ class Scheduler:
         delta = s.text.add(tok, tok in s.eos, at_limit)
         logprob = top = None
         if s.req.logprobs is not None:
-            x = logits.astype(np.float64)
-            lse = x.max() + np.log(np.exp(x - x.max()).sum())
-            logprob = float(x[tok] - lse)
+            lp = log_softmax(logits)
+            logprob = float(lp[tok])
+            top = []
             if s.req.logprobs:
                 k = s.req.logprobs
-                idx = np.argpartition(-x, k - 1)[:k] if k < x.size else np.arange(x.size)
-                idx = idx[np.lexsort((idx, -x[idx]))]  # best first, lower id first on ties
-                top = [(int(i), float(x[i] - lse)) for i in idx]
-            else:
-                top = []
-        res = s.result
-        res.token_ids = out.token_ids
-        res.text = out.text
-        res.finish_reason = out.finish_reason
+                idx = np.argpartition(-lp, k - 1)[:k] if k < lp.size else np.arange(lp.size)
+                idx = idx[np.lexsort((idx, -lp[idx]))]  # best first, lower id first on ties
+                top = [(int(i), float(lp[i])) for i in idx]
         if self.metrics is not None:
             if len(out.token_ids) == 1:
                 self.metrics.observe_first_token(now - s.handle.submitted)
