@@ -41,6 +41,10 @@ class ModelConfig(DictSerializable):
     norm: str = "subln"  # subln | bitlinear | none
     ffn: str = "swiglu"  # swiglu | relu2
     init_std: float = 0.02
+    # Qwen2 / Qwen2.5: q, k, v projections carry a bias, kept in full precision and added after
+    # the (ternary) product. Qwen3: an RMSNorm over head_dim on every q and k head, before RoPE.
+    qkv_bias: bool = False
+    qk_norm: bool = False
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -83,18 +87,19 @@ class QuantConfig(DictSerializable):
 
 
 
-# (module_name, in_features, out_features) -> module
-LinearFactory = Callable[[str, int, int], nn.Module]
+# (module_name, in_features, out_features, bias=False) -> module
+LinearFactory = Callable[..., nn.Module]
 
 
 def make_linear_factory(model_cfg: ModelConfig, quant_cfg: QuantConfig) -> LinearFactory:
     pre_norm = model_cfg.norm == "bitlinear"
 
-    def factory(name: str, in_features: int, out_features: int) -> nn.Module:
+    def factory(name: str, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
         keep = any(fnmatch.fnmatchcase(name, p) for p in quant_cfg.keep_high_precision)
         return BitLinear(
             in_features,
             out_features,
+            bias=bias,
             quantize=quant_cfg.method == "b1.58" and not keep,
             pre_norm=pre_norm,
             norm_eps=model_cfg.rms_norm_eps,
@@ -126,17 +131,24 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         d = cfg.hidden_size
-        self.q_proj = linear(f"{prefix}.q_proj", d, self.n_head * self.hd)
-        self.k_proj = linear(f"{prefix}.k_proj", d, self.n_kv * self.hd)
-        self.v_proj = linear(f"{prefix}.v_proj", d, self.n_kv * self.hd)
+        bias = {"bias": True} if cfg.qkv_bias else {}
+        self.q_proj = linear(f"{prefix}.q_proj", d, self.n_head * self.hd, **bias)
+        self.k_proj = linear(f"{prefix}.k_proj", d, self.n_kv * self.hd, **bias)
+        self.v_proj = linear(f"{prefix}.v_proj", d, self.n_kv * self.hd, **bias)
         self.o_proj = linear(f"{prefix}.o_proj", self.n_head * self.hd, d)
+        # Qwen3 QK-norm: one RMSNorm over head_dim, shared by all heads, on q and on k.
+        self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else None
         # SubLN: a norm on the attention output, before o_proj (BitNet b1.58 2B4T layout).
         self.attn_sub_norm = RMSNorm(self.n_head * self.hd, cfg.rms_norm_eps) if cfg.norm == "subln" else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, n_head, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd)  # (B, T, n_head, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd)  # (B, T, n_kv, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.n_kv != self.n_head:

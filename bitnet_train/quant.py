@@ -37,6 +37,40 @@ def weight_quant(w: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch
     return codes, s_w
 
 
+def ternary_master_weight(codes: torch.Tensor, scale: float, eps: float = EPS) -> torch.Tensor:
+    """Latent fp32 weights W whose absmean quantization gives back (codes, scale).
+
+    An imported ternary checkpoint (HF `bitnet`, a TQ1_0/TQ2_0 GGUF) holds codes and a scale,
+    while our BitLinear keeps latent weights and quantizes them every forward. Storing
+    codes * scale would not do: weight_quant would find s' = scale * (fraction of nonzero codes).
+    With W = codes * c, c = scale / fraction: mean|W| = scale and round(W / scale) = codes / fraction,
+    which clamps to the same codes since |codes / fraction| >= 1 where a code is nonzero. The codes
+    come back exactly; the scale exactly or within one float32 ulp (the mean's rounding: c moves
+    in steps of its own ulp, which can step over the target). All-zero codes give zeros.
+    """
+    codes = codes.float()
+    if scale < eps:
+        raise ValueError(f"ternary scale {scale} is below the quantizer's eps {eps}: not representable")
+    if codes.numel() == 0 or not bool((codes.abs() <= 1).all()) or not bool((codes == codes.round()).all()):
+        raise ValueError("ternary codes must be a non-empty tensor of -1, 0, 1")
+    if not (scale > 0 and torch.isfinite(torch.tensor(scale))):
+        raise ValueError(f"ternary scale must be a finite positive number, got {scale}")
+    nonzero = int(codes.count_nonzero())
+    if nonzero == 0:
+        return torch.zeros_like(codes)
+    target = torch.tensor(scale, dtype=torch.float32)
+    c = target * (codes.numel() / nonzero)
+    best, best_err = c, float("inf")
+    for _ in range(8):  # mean|W| is c * fraction up to float rounding: step c by ulps toward it
+        err = float((codes * c).abs().mean() - target)
+        if abs(err) < best_err:
+            best, best_err = c, abs(err)
+        if err == 0:
+            break
+        c = torch.nextafter(c, c * 2 if err < 0 else c * 0)
+    return codes * best
+
+
 def act_quant(x: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token absmax int8 quantization over the last dim (the reference form).
 
@@ -134,12 +168,13 @@ class RMSNorm(nn.Module):
 
 
 class BitLinear(nn.Module):
-    """Drop-in for nn.Linear(bias=False).
+    """Drop-in for nn.Linear.
 
     quantize=True:  b1.58 forward (ternary weights, int8 activations, STE); lam < 1 blends the
                     quantized and latent values (lambda warm-up for fine-tuning).
     quantize=False: a plain full-precision linear (quant=none runs and hybrid-precision modules).
     pre_norm=True:  an RMSNorm over the input inside the layer (the original BitNet BitLinear).
+    bias=True:      a full-precision bias added after the product (Qwen2's q/k/v), never quantized.
     """
 
     def __init__(
@@ -151,6 +186,7 @@ class BitLinear(nn.Module):
         pre_norm: bool = False,
         norm_eps: float = 1e-6,
         eps: float = EPS,
+        bias: bool = False,
     ):
         super().__init__()
         self.in_features = in_features
@@ -159,6 +195,7 @@ class BitLinear(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.norm = RMSNorm(in_features, norm_eps) if pre_norm else None
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         # lambda is a buffer so that it is checkpointed and restored on resume.
         self.register_buffer("lam", torch.tensor(1.0), persistent=True)
         nn.init.normal_(self.weight, std=0.02)
@@ -172,8 +209,9 @@ class BitLinear(nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         if not self.quantize:
-            return F.linear(x, self.weight)
-        return _BitLinearFn.apply(x, self.weight, float(self.lam), self.eps)
+            return F.linear(x, self.weight, self.bias)
+        y = _BitLinearFn.apply(x, self.weight, float(self.lam), self.eps)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(ternary codes as int8, fp32 scale s_w): what export writes."""
@@ -183,7 +221,7 @@ class BitLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"quantize={self.quantize}, pre_norm={self.norm is not None}"
+            f"quantize={self.quantize}, pre_norm={self.norm is not None}, bias={self.bias is not None}"
         )
 
 

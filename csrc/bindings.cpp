@@ -236,6 +236,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("rms_norm_eps", &ModelConfig::rms_norm_eps)
       .def_readwrite("act_eps", &ModelConfig::act_eps)
       .def_readwrite("tie_embeddings", &ModelConfig::tie_embeddings)
+      .def_readwrite("qkv_bias", &ModelConfig::qkv_bias)
+      .def_readwrite("qk_norm", &ModelConfig::qk_norm)
       .def_property(
           "norm", [](const ModelConfig& c) { return norm_name(c.norm); },
           [](ModelConfig& c, const std::string& s) {

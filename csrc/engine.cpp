@@ -108,6 +108,13 @@ void rmsnorm_rows(const float* x, float* out, int64_t m, int64_t n, const float*
   }
 }
 
+// rows (m, bias.size()) += bias, in fp32 as BitLinear adds its bias after the product.
+void add_bias_rows(float* rows, int64_t m, const std::vector<float>& bias) {
+  const int64_t n = static_cast<int64_t>(bias.size());
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) rows[i * n + j] += bias[static_cast<size_t>(j)];
+}
+
 }  // namespace
 
 void ModelConfig::validate() const {
@@ -228,6 +235,15 @@ Model::Model(const ModelConfig& cfg, const TensorMap& tensors, const std::string
     L.gate = load_linear(t, cfg_, p + "mlp.gate_proj", d, f);
     L.up = load_linear(t, cfg_, p + "mlp.up_proj", d, f);
     L.down = load_linear(t, cfg_, p + "mlp.down_proj", f, d);
+    if (cfg_.qkv_bias) {
+      L.q.bias = t.vector_f32(p + "self_attn.q_proj.bias", qd, "q_proj bias");
+      L.k.bias = t.vector_f32(p + "self_attn.k_proj.bias", kvd, "k_proj bias");
+      L.v.bias = t.vector_f32(p + "self_attn.v_proj.bias", kvd, "v_proj bias");
+    }
+    if (cfg_.qk_norm) {
+      L.q_norm = t.vector_f32(p + "self_attn.q_norm.weight", cfg_.head_dim, "QK-norm weight");
+      L.k_norm = t.vector_f32(p + "self_attn.k_norm.weight", cfg_.head_dim, "QK-norm weight");
+    }
     if (cfg_.norm == NormKind::SubLN) {
       L.attn_sub_norm = t.vector_f32(p + "self_attn.attn_sub_norm.weight", qd, "SubLN weight");
       L.ffn_sub_norm = t.vector_f32(p + "mlp.ffn_sub_norm.weight", f, "SubLN weight");
@@ -435,6 +451,15 @@ void Model::forward(KVCache& cache, const Batch& b, bool all_logits, float* logi
     // attention
     rmsnorm_rows(x.data(), h.data(), N, d, L.input_norm.data(), cfg_.rms_norm_eps);
     linears({&L.q, &L.k, &L.v}, h.data(), N, {q.data(), k.data(), v.data()});
+    if (cfg_.qkv_bias) {
+      add_bias_rows(q.data(), N, L.q.bias);
+      add_bias_rows(k.data(), N, L.k.bias);
+      add_bias_rows(v.data(), N, L.v.bias);
+    }
+    if (cfg_.qk_norm) {  // each head's row of head_dim is one RMSNorm row
+      rmsnorm_rows(q.data(), q.data(), N * nh, hd, L.q_norm.data(), cfg_.rms_norm_eps);
+      rmsnorm_rows(k.data(), k.data(), N * nkv, hd, L.k_norm.data(), cfg_.rms_norm_eps);
+    }
     rope(q.data(), nh);
     rope(k.data(), nkv);
     const bool kv16 = cache.type() == KVType::F16;

@@ -41,6 +41,8 @@ struct ModelConfig {
   bool tie_embeddings = false;
   NormKind norm = NormKind::SubLN;
   FfnKind ffn = FfnKind::SwiGLU;
+  bool qkv_bias = false;  // Qwen2: fp32 biases on q, k, v, added after the product
+  bool qk_norm = false;   // Qwen3: RMSNorm over head_dim on each q and k head, before RoPE
 
   void validate() const;  // throws std::invalid_argument
 };
@@ -67,12 +69,14 @@ struct Linear {
   const int8_t* q8 = nullptr;
   const float* q8_scale = nullptr;
   std::vector<float> norm;  // in-layer RMSNorm weight (norm == "bitlinear"), else empty
+  std::vector<float> bias;  // (out) fp32, added after the product (qkv_bias), else empty
 };
 
 struct Layer {
   std::vector<float> input_norm, post_attention_norm;  // (hidden)
   std::vector<float> attn_sub_norm;                    // (heads * head_dim), SubLN only
   std::vector<float> ffn_sub_norm;                     // (intermediate), SubLN only
+  std::vector<float> q_norm, k_norm;                   // (head_dim), qk_norm only
   Linear q, k, v, o, gate, up, down;
 };
 

@@ -6,6 +6,9 @@ Architecture (llama.cpp `src/models/*.cpp`):
     (num_heads * head_dim == hidden_size): other models are refused.
   * `llama` for norm "none" (converted Llama-family models): interleaved RoPE, so q/k rows are
     permuted as llama.cpp's converter does; SwiGLU only.
+  * `qwen2` for norm "none" with q/k/v biases (Qwen2 / Qwen2.5: `attn_{q,k,v}.bias`, F32) and
+    `qwen3` for norm "none" with QK-norm (`attn_q_norm` / `attn_k_norm`): NEOX RoPE, rows kept.
+    SubLN with either, or both together, has no llama.cpp architecture: refused.
   * norm "bitlinear" (an RMSNorm inside every linear) has no llama.cpp architecture: refused.
 
 Ternary linears are TQ2_0 (2.0625 bits/weight, `--packing 2bit`) or TQ1_0 (1.6875, `1.6bit`),
@@ -39,6 +42,7 @@ _LINEAR_NAMES = {
 _LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
     "self_attn.attn_sub_norm.weight": "attn_sub_norm.weight", "mlp.ffn_sub_norm.weight": "ffn_sub_norm.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
 }
 _GLOBAL_NAMES = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
                  "lm_head.weight": "output.weight"}
@@ -51,13 +55,24 @@ def gguf_name(name: str) -> str:
     _, i, rest = name.split(".", 2)
     if rest in _LINEAR_NAMES:
         return f"blk.{i}.{_LINEAR_NAMES[rest]}.weight"
-    if rest.endswith(".weight") and rest[: -len(".weight")] in _LINEAR_NAMES:
-        return f"blk.{i}.{_LINEAR_NAMES[rest[: -len('.weight')]]}.weight"
+    base, _, kind = rest.rpartition(".")
+    if kind in ("weight", "bias") and base in _LINEAR_NAMES:
+        return f"blk.{i}.{_LINEAR_NAMES[base]}.{kind}"
     return f"blk.{i}.{_LAYER_NAMES[rest]}"
 
 
 def gguf_architecture(cfg: dict) -> str:
     """The llama.cpp architecture for a config, or FormatError saying why there is none."""
+    qkv_bias, qk_norm = cfg.get("qkv_bias", False), cfg.get("qk_norm", False)
+    if (qkv_bias or qk_norm) and (cfg["norm"] != "none" or cfg["ffn"] != "swiglu" or (qkv_bias and qk_norm)):
+        raise FormatError(
+            "llama.cpp has q/k/v biases only in 'qwen2' and QK-norm only in 'qwen3', both with norm 'none' and a "
+            f"SwiGLU MLP; this model has norm {cfg['norm']!r}, ffn {cfg['ffn']!r}, qkv_bias {qkv_bias}, "
+            f"qk_norm {qk_norm}. Export --format bitnet instead")
+    if qkv_bias:
+        return "qwen2"
+    if qk_norm:
+        return "qwen3"
     if cfg["norm"] == "subln":
         if cfg["tie_embeddings"] is not True:
             raise FormatError("GGUF architecture 'bitnet' (SubLN models) takes the output projection from "

@@ -27,20 +27,23 @@ from .schema import FormatError
 class TernaryLinear(nn.Module):
     """A linear with fixed ternary codes and a per-tensor scale (multiply convention)."""
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, eps: float, norm: RMSNorm | None = None):
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, eps: float, norm: RMSNorm | None = None,
+                 bias: bool = False):
         super().__init__()
         self.out_features, self.in_features = codes.shape
         self.eps = eps
         self.norm = norm
         self.register_buffer("codes", codes.to(torch.float32))  # (out, in) in {-1, 0, 1}
         self.register_buffer("scale", scale.to(torch.float32).reshape(()))  # s_w, 0-dim
+        self.bias = nn.Parameter(torch.zeros(self.out_features)) if bias else None  # added after the product
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm is not None:
             x = self.norm(x)
         x_codes, s_x = act_quant(x, self.eps)  # (..., in), (..., 1)
         acc = F.linear(x_codes, self.codes)  # integer-exact in fp32
-        return (acc * (self.scale / s_x)).to(x.dtype)
+        y = acc * (self.scale / s_x)
+        return (y if self.bias is None else y + self.bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, pre_norm={self.norm is not None}"
@@ -58,14 +61,15 @@ def build_reference_model(source: str | os.PathLike | BitNetFile) -> BitNetModel
     ternary = f.ternary_layers()
     pre_norm = cfg.norm == "bitlinear"
 
-    def factory(name: str, in_features: int, out_features: int) -> nn.Module:
+    def factory(name: str, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
         if name in ternary:
             if ternary[name] != (out_features, in_features):
                 raise FormatError(f"{f.path}: {name} is {ternary[name]} in the file, the model needs "
                                   f"{(out_features, in_features)}")
             norm = RMSNorm(in_features, cfg.rms_norm_eps) if pre_norm else None
-            return TernaryLinear(torch.from_numpy(f.codes(name)), _t(f.tensor(f"{name}.scale")), eps, norm)
-        return BitLinear(in_features, out_features, quantize=False, pre_norm=pre_norm, norm_eps=cfg.rms_norm_eps, eps=eps)
+            return TernaryLinear(torch.from_numpy(f.codes(name)), _t(f.tensor(f"{name}.scale")), eps, norm, bias)
+        return BitLinear(in_features, out_features, quantize=False, pre_norm=pre_norm, norm_eps=cfg.rms_norm_eps, eps=eps,
+                         bias=bias)
 
     model = BitNetModel(cfg, QuantConfig(method="b1.58", eps=eps), linear=factory)
     state = model.state_dict()

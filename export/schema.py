@@ -38,7 +38,9 @@ _POS_INT = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num
             "num_kv_heads", "head_dim", "max_seq_len")
 _POS_NUM = ("rope_theta", "rms_norm_eps")
 MAX_SEQ_LEN = 1 << 20  # the engine's kMaxSeqLen (csrc/engine.h)
-CONFIG_KEYS = set(_POS_INT) | set(_POS_NUM) | {"tie_embeddings", "norm", "ffn", "init_std"}
+# Keys added within v1 (Qwen2 q/k/v biases, Qwen3 QK-norm): a file without them has them false.
+OPTIONAL_CONFIG_KEYS = {"qkv_bias": False, "qk_norm": False}
+CONFIG_KEYS = set(_POS_INT) | set(_POS_NUM) | {"tie_embeddings", "norm", "ffn", "init_std"} | set(OPTIONAL_CONFIG_KEYS)
 NORMS = ("subln", "bitlinear", "none")
 FFNS = ("swiglu", "relu2")
 
@@ -58,9 +60,10 @@ def _is_num(v) -> bool:
 
 
 def validate_config(cfg) -> dict:
-    """The `config` metadata object -> the same dict, or FormatError naming the key."""
+    """The `config` metadata object -> the dict with optional keys filled in, or FormatError naming the key."""
     if not isinstance(cfg, dict):
         raise FormatError("metadata 'config' must be a JSON object")
+    cfg = {**OPTIONAL_CONFIG_KEYS, **cfg}
     unknown = sorted(set(cfg) - CONFIG_KEYS)
     if unknown:
         raise FormatError(f"metadata 'config' has keys format v{FORMAT_VERSION} does not define: {unknown}")
@@ -77,8 +80,9 @@ def validate_config(cfg) -> dict:
             raise FormatError(f"config.{k} must be a positive number, got {cfg[k]!r}")
     if not _is_num(cfg["init_std"]):
         raise FormatError(f"config.init_std must be a number, got {cfg['init_std']!r}")
-    if type(cfg["tie_embeddings"]) is not bool:
-        raise FormatError(f"config.tie_embeddings must be true or false, got {cfg['tie_embeddings']!r}")
+    for k in ("tie_embeddings", *OPTIONAL_CONFIG_KEYS):
+        if type(cfg[k]) is not bool:
+            raise FormatError(f"config.{k} must be true or false, got {cfg[k]!r}")
     if cfg["norm"] not in NORMS:
         raise FormatError(f"config.norm must be one of {NORMS}, got {cfg['norm']!r}")
     if cfg["ffn"] not in FFNS:
@@ -121,9 +125,15 @@ def dense_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     """Every logical tensor that is always dense (embeddings, lm_head, norms) -> shape."""
     d, v = cfg["hidden_size"], cfg["vocab_size"]
     out: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (v, d)}
+    q, kv = cfg["num_heads"] * cfg["head_dim"], cfg["num_kv_heads"] * cfg["head_dim"]
     for i in range(cfg["num_layers"]):
+        a = f"layers.{i}.self_attn"
         out[f"layers.{i}.input_layernorm.weight"] = (d,)
         out[f"layers.{i}.post_attention_layernorm.weight"] = (d,)
+        if cfg.get("qkv_bias"):
+            out.update({f"{a}.q_proj.bias": (q,), f"{a}.k_proj.bias": (kv,), f"{a}.v_proj.bias": (kv,)})
+        if cfg.get("qk_norm"):
+            out.update({f"{a}.q_norm.weight": (cfg["head_dim"],), f"{a}.k_norm.weight": (cfg["head_dim"],)})
         if cfg["norm"] == "subln":
             out[f"layers.{i}.self_attn.attn_sub_norm.weight"] = (cfg["num_heads"] * cfg["head_dim"],)
             out[f"layers.{i}.mlp.ffn_sub_norm.weight"] = (cfg["intermediate_size"],)
@@ -139,7 +149,8 @@ def dense_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
 def logical_tensor_count(cfg: dict) -> int:
     """len(logical_tensors(cfg)), by arithmetic: what a reader compares with a file's tensor list
     before it builds anything per layer (a config may claim 10^12 layers)."""
-    per_layer = 7 + 2 + {"subln": 2, "bitlinear": 7}.get(cfg["norm"], 0)
+    per_layer = (7 + 2 + {"subln": 2, "bitlinear": 7}.get(cfg["norm"], 0)
+                 + 3 * bool(cfg.get("qkv_bias")) + 2 * bool(cfg.get("qk_norm")))
     return cfg["num_layers"] * per_layer + 2 + (0 if cfg["tie_embeddings"] else 1)
 
 

@@ -26,7 +26,7 @@ KVCache = _C.KVCache
 
 _CONFIG_KEYS = {
     "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-    "max_seq_len", "rope_theta", "rms_norm_eps", "tie_embeddings", "norm", "ffn",
+    "max_seq_len", "rope_theta", "rms_norm_eps", "tie_embeddings", "norm", "ffn", "qkv_bias", "qk_norm",
 }
 _INFORMATIONAL_KEYS = {"init_std"}
 
@@ -71,6 +71,8 @@ def _engine_config(config: Mapping, quant: Mapping | None) -> _C.ModelConfig:
     c.tie_embeddings = bool(config.get("tie_embeddings", False))
     c.norm = str(config.get("norm", "subln"))
     c.ffn = str(config.get("ffn", "swiglu"))
+    c.qkv_bias = bool(config.get("qkv_bias", False))
+    c.qk_norm = bool(config.get("qk_norm", False))
     c.act_eps = float(quant.get("eps", 1e-5))
     c.validate()
     return c

@@ -208,10 +208,12 @@ struct DevLinear {
   DType dt = DType::U8;
   DeviceBuffer norm;  // in-layer RMSNorm weight (norm == "bitlinear")
   bool has_norm = false;
+  DeviceBuffer bias;  // (out) fp32 (qkv_bias)
 };
 
 struct DevLayer {
   DeviceBuffer input_norm, post_attention_norm, attn_sub_norm, ffn_sub_norm;
+  DeviceBuffer q_norm, k_norm;  // (head_dim) qk_norm
   DevLinear q, k, v, o, gate, up, down;
 };
 
@@ -394,10 +396,24 @@ struct DeviceModel::Impl {
       // attention
       auto in_qkv = prepare({&L.q, &L.k, &L.v}, n, xb, nullptr, Act::None, &L.input_norm);
       linears({&L.q, &L.k, &L.v}, in_qkv, {q.as<float>(), k.as<float>(), v.as<float>()}, n, false);
+      if (c.qkv_bias) {
+        launch_add_bias(q.as<float>(), L.q.bias.as<float>(), n, L.q.out, stream);
+        launch_add_bias(k.as<float>(), L.k.bias.as<float>(), n, L.k.out, stream);
+        launch_add_bias(v.as<float>(), L.v.bias.as<float>(), n, L.v.out, stream);
+      }
+      float *qr = q.as<float>(), *kr = k.as<float>();
+      if (c.qk_norm) {  // one RMSNorm row per (token, head), into the free row buffers hf[0], hf[1]
+        launch_row_prep(qr, nullptr, Act::None, nullptr, n * nh, c.head_dim, L.q_norm.as<float>(), c.rms_norm_eps,
+                        hf[0].as<float>(), nullptr, 0, nullptr, nullptr, c.act_eps, stream);
+        launch_row_prep(kr, nullptr, Act::None, nullptr, n * c.num_kv_heads, c.head_dim, L.k_norm.as<float>(),
+                        c.rms_norm_eps, hf[1].as<float>(), nullptr, 0, nullptr, nullptr, c.act_eps, stream);
+        qr = hf[0].as<float>();
+        kr = hf[1].as<float>();
+      }
       const CacheView cv = cache.view(l);
-      launch_rope_store(q.as<float>(), k.as<float>(), v.as<float>(), n, nh, cv, rope_cos.as<float>(), rope_sin.as<float>(),
+      launch_rope_store(qr, kr, v.as<float>(), n, nh, cv, rope_cos.as<float>(), rope_sin.as<float>(),
                         tok_seq.as<int32_t>(), tok_pos.as<int32_t>(), stream);
-      launch_attention(q.as<float>(), cv, n, nh, tok_seq.as<int32_t>(), tok_pos.as<int32_t>(), att.as<float>(), stream);
+      launch_attention(qr, cv, n, nh, tok_seq.as<int32_t>(), tok_pos.as<int32_t>(), att.as<float>(), stream);
       auto in_o = prepare({&L.o}, n, att.as<float>(), nullptr, Act::None, subln ? &L.attn_sub_norm : nullptr);
       linears({&L.o}, in_o, {xb}, n, true);  // x += o_proj(...)
       // feed-forward
@@ -452,6 +468,15 @@ DeviceModel::DeviceModel(const ModelConfig& cfg, const TensorMap& tensors, int d
     m.upload_linear(tensors, p + "mlp.gate_proj", d, f, L.gate);
     m.upload_linear(tensors, p + "mlp.up_proj", d, f, L.up);
     m.upload_linear(tensors, p + "mlp.down_proj", f, d, L.down);
+    if (c.qkv_bias) {
+      m.upload_vector(tensors, p + "self_attn.q_proj.bias", qd, L.q.bias);
+      m.upload_vector(tensors, p + "self_attn.k_proj.bias", kvd, L.k.bias);
+      m.upload_vector(tensors, p + "self_attn.v_proj.bias", kvd, L.v.bias);
+    }
+    if (c.qk_norm) {
+      m.upload_vector(tensors, p + "self_attn.q_norm.weight", c.head_dim, L.q_norm);
+      m.upload_vector(tensors, p + "self_attn.k_norm.weight", c.head_dim, L.k_norm);
+    }
     if (c.norm == NormKind::SubLN) {
       m.upload_vector(tensors, p + "self_attn.attn_sub_norm.weight", qd, L.attn_sub_norm);
       m.upload_vector(tensors, p + "mlp.ffn_sub_norm.weight", f, L.ffn_sub_norm);

@@ -408,6 +408,12 @@ __global__ void __launch_bounds__(kPrepThreads) row_prep_kernel(const float* __r
   }
 }
 
+__global__ void add_bias_kernel(float* y, const float* __restrict__ bias, int64_t total, int64_t n) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    y[e] = __fadd_rn(y[e], bias[e % n]);
+}
+
 // ---- RoPE + KV cache store, attention ---------------------------------------------------------
 
 __global__ void rope_store_kernel(float* q, const float* __restrict__ k, const float* __restrict__ v, int64_t nh,
@@ -708,6 +714,13 @@ void launch_row_prep(const float* a, const float* b, Act act, const int32_t* row
       break;
   }
   check_launch("row_prep");
+}
+
+void launch_add_bias(float* y, const float* bias, int64_t rows, int64_t n, cudaStream_t s) {
+  const int64_t total = rows * n;
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 4096));
+  add_bias_kernel<<<grid, 256, 0, s>>>(y, bias, total, n);
+  check_launch("add_bias");
 }
 
 void launch_rope_store(float* q, const float* k, const float* v, int64_t n, int64_t nh, const CacheView& c,

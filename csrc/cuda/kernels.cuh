@@ -58,6 +58,9 @@ void launch_row_prep(const float* a, const float* b, Act act, const int32_t* row
                      const float* norm_w, float norm_eps, float* out_f, int8_t* q, int64_t q_stride, float* s_x,
                      int32_t* sum, float act_eps, cudaStream_t s);
 
+// y (rows, n) += bias (n): the q/k/v biases (qkv_bias), fp32, after the product as on the CPU.
+void launch_add_bias(float* y, const float* bias, int64_t rows, int64_t n, cudaStream_t s);
+
 // RoPE (rotate-half) on q (n, nh*hd) in place and on k; writes k, v rows into the cache at
 // (layer base, tok_seq[t], kv_head, tok_pos[t]).
 struct CacheView {

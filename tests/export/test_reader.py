@@ -17,7 +17,7 @@ from bitnet_train.export.writer import ModelArrays, write_bitnet
 
 from bitnet_files import mutate_meta, read_raw, write_raw
 
-CFG = dict(vocab_size=50, hidden_size=40, intermediate_size=72, num_layers=2, num_heads=4, num_kv_heads=2,
+CFG = dict(qkv_bias=False, qk_norm=False, vocab_size=50, hidden_size=40, intermediate_size=72, num_layers=2, num_heads=4, num_kv_heads=2,
            head_dim=10, max_seq_len=16, rope_theta=10000.0, rms_norm_eps=1e-6, tie_embeddings=False,
            norm="subln", ffn="swiglu", init_std=0.02)
 
@@ -236,3 +236,15 @@ def test_packing_helpers_match_reader_shapes(good_file):
     f = open_model(good_file)
     for name, (o, i) in f.ternary_layers().items():
         assert f.tensor(f"{name}.qweight").shape == P.packed_shape(o, i, f.quant["packing"])
+
+
+def test_files_written_before_the_qwen_keys_read_with_them_false(good_file, tmp_path):
+    old = mutate_meta(good_file, tmp_path / "old", "config",
+                      lambda c: {k: v for k, v in c.items() if k not in ("qkv_bias", "qk_norm")}, as_json=True)
+    f = open_model(old)
+    assert f.config["qkv_bias"] is False and f.config["qk_norm"] is False
+    expect(mutate_meta(good_file, tmp_path / "bad", "config", lambda c: {**c, "qk_norm": 1}, as_json=True),
+           "config.qk_norm must be true or false")
+    # a file claiming q/k/v biases must store them: the tensor list no longer matches the config
+    expect(mutate_meta(good_file, tmp_path / "b2", "config", lambda c: {**c, "qkv_bias": True}, as_json=True),
+           r"missing \['layers.0.self_attn.k_proj.bias'")

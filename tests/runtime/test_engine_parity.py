@@ -22,6 +22,9 @@ VARIANTS = {
     "bitlinear-relu2": dict(norm="bitlinear", ffn="relu2", num_kv_heads=4),
     "none-swiglu-mqa-tied": dict(norm="none", ffn="swiglu", num_kv_heads=1, tie_embeddings=True),
     "subln-relu2-headdim": dict(norm="subln", ffn="relu2", head_dim=32),
+    "qwen2-qkv-bias": dict(norm="none", ffn="swiglu", qkv_bias=True, tie_embeddings=True),
+    "qwen3-qk-norm": dict(norm="none", ffn="swiglu", qk_norm=True, head_dim=32),
+    "subln-bias-qknorm": dict(norm="subln", ffn="relu2", qkv_bias=True, qk_norm=True),
 }
 
 
