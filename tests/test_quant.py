@@ -394,3 +394,31 @@ def test_ternary_model_learns_a_repeated_sequence():
     assert all(np.isfinite(losses))
     # below ln 8 = 2.08 (the unigram plateau) with a margin: it uses the previous token
     assert losses[-1] < 0.5 * losses[0] and losses[-1] < 1.2, losses
+
+
+@pytest.mark.parametrize("zero_fraction", [0.0, 0.33, 0.9, 0.999])
+def test_ternary_master_weight_quantizes_back_to_its_codes_and_scale(zero_fraction):
+    from bitnet_train.quant import ternary_master_weight
+
+    g = torch.Generator().manual_seed(int(zero_fraction * 1000))
+    for trial in range(20):
+        codes = torch.randint(-1, 2, (48 + trial, 80), generator=g).float()
+        codes[torch.rand(codes.shape, generator=g) < zero_fraction] = 0
+        if not codes.any():
+            codes[0, 0] = 1
+        scale = float(torch.rand((), generator=g)) * 0.2 + 1e-4
+        got_codes, got_scale = weight_quant(ternary_master_weight(codes, scale))
+        assert torch.equal(got_codes, codes)
+        want = torch.tensor(scale, dtype=torch.float32)
+        assert abs(float(got_scale) - float(want)) <= 4 * float(torch.finfo(torch.float32).eps * want)  # a few ulps
+
+
+def test_ternary_master_weight_refuses_what_is_not_ternary():
+    from bitnet_train.quant import ternary_master_weight
+
+    assert not ternary_master_weight(torch.zeros(3, 4), 0.1).any()
+    for codes, scale, needle in ((torch.tensor([[2.0]]), 0.1, "-1, 0, 1"), (torch.tensor([[0.5]]), 0.1, "-1, 0, 1"),
+                                 (torch.tensor([[1.0]]), 0.0, "below the quantizer's eps"),
+                                 (torch.tensor([[1.0]]), float("nan"), "finite positive")):
+        with pytest.raises(ValueError, match=needle):
+            ternary_master_weight(codes, scale)

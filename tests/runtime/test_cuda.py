@@ -89,6 +89,8 @@ VARIANTS = {
     # widths that are not multiples of 128 (or of 8: f16 rows not 16-byte aligned), 3 query heads per kv head
     "odd-shapes": dict(norm="subln", ffn="swiglu", hidden_size=108, num_heads=6, num_kv_heads=2,
                        intermediate_size=300),
+    "qwen2-qkv-bias": dict(norm="none", ffn="swiglu", qkv_bias=True, tie_embeddings=True),
+    "qwen3-qk-norm": dict(norm="none", ffn="swiglu", qk_norm=True, head_dim=32),
 }
 
 
