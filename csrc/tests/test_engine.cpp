@@ -267,7 +267,7 @@ struct TinyModel {
   TensorMap map;
 };
 
-TinyModel tiny_model(std::mt19937& rng, NormKind norm, FfnKind ffn) {
+TinyModel tiny_model(std::mt19937& rng, NormKind norm, FfnKind ffn, bool qkv_bias = false, bool qk_norm = false) {
   TinyModel t;
   ModelConfig& c = t.cfg;
   c.vocab_size = 50;
@@ -280,6 +280,8 @@ TinyModel tiny_model(std::mt19937& rng, NormKind norm, FfnKind ffn) {
   c.max_seq_len = 16;
   c.norm = norm;
   c.ffn = ffn;
+  c.qkv_bias = qkv_bias;
+  c.qk_norm = qk_norm;
   std::normal_distribution<float> normal(0.0f, 0.5f);
   std::uniform_int_distribution<int> code(-1, 1);
   auto dense = [&](const std::string& name, std::vector<int64_t> shape, float base) {
@@ -323,6 +325,15 @@ TinyModel tiny_model(std::mt19937& rng, NormKind norm, FfnKind ffn) {
     if (norm == NormKind::SubLN) {
       dense(p + "self_attn.attn_sub_norm.weight", {qd}, 1.0f);
       dense(p + "mlp.ffn_sub_norm.weight", {f}, 1.0f);
+    }
+    if (qkv_bias) {
+      dense(p + "self_attn.q_proj.bias", {qd}, 0.0f);
+      dense(p + "self_attn.k_proj.bias", {kvd}, 0.0f);
+      dense(p + "self_attn.v_proj.bias", {kvd}, 0.0f);
+    }
+    if (qk_norm) {
+      dense(p + "self_attn.q_norm.weight", {c.head_dim}, 1.0f);
+      dense(p + "self_attn.k_norm.weight", {c.head_dim}, 1.0f);
     }
   }
   return t;
@@ -418,6 +429,32 @@ void test_engine(std::mt19937& rng) {
         }
       }
     }
+  // Qwen2 biases and Qwen3 QK-norm: every ISA agrees with the scalar path, and each changes the logits
+  for (const auto& [bias, qkn] : {std::pair{true, false}, std::pair{false, true}, std::pair{true, true}}) {
+    TinyModel t = tiny_model(rng, NormKind::None, FfnKind::SwiGLU, bias, qkn);
+    const auto base = run(Model(t.cfg, t.map, "scalar"), tokens);
+    TinyModel plain = t;
+    plain.cfg.qkv_bias = plain.cfg.qk_norm = false;
+    for (auto it = plain.map.begin(); it != plain.map.end();)
+      it = (it->first.find("_proj.bias") != std::string::npos || it->first.find("_norm.weight") != std::string::npos) &&
+                   it->first.find("self_attn.") != std::string::npos
+               ? plain.map.erase(it)
+               : std::next(it);
+    check(run(Model(plain.cfg, plain.map, "scalar"), tokens) != base, "q/k/v biases / QK-norm change the logits");
+    for (const auto& isa : available_isas()) {
+      const auto got = run(Model(t.cfg, t.map, isa), tokens);
+      float err = 0.0f, mag = 1e-6f;
+      for (size_t i = 0; i < got.size(); ++i) {
+        err = std::fmax(err, std::fabs(got[i] - base[i]));
+        mag = std::fmax(mag, std::fabs(base[i]));
+      }
+      check(err <= 0.05f * mag, "qkv_bias/qk_norm forward " + isa + " vs scalar: err " + std::to_string(err));
+    }
+    TinyModel missing = t;
+    missing.map.erase(bias ? "layers.1.self_attn.v_proj.bias" : "layers.1.self_attn.k_norm.weight");
+    expect_throw<std::invalid_argument>([&] { Model m(missing.cfg, missing.map, "scalar"); }, "a missing bias / QK-norm tensor",
+                 bias ? "layers.1.self_attn.v_proj.bias" : "layers.1.self_attn.k_norm.weight");
+  }
   test_int8_lm_head(rng, tokens);
 }
 
