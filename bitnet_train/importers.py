@@ -14,6 +14,9 @@ only add modules (norm "subln": RMSNorms before o_proj and down_proj, their gain
 the imported model starts close to the source, see `calibrate_subln`) or change an activation
 (ffn "relu2"): that changes the function, and `source_info["exact"]` says so.
 
+Checkpoints that are already ternary (HF `bitnet`, or a bitnet quantization_config) are imported by
+`importers_bitnet`, which `load_hf_llama` hands such a directory to.
+
 Nothing here downloads: every transformers call is `local_files_only`.
 """
 
@@ -37,8 +40,13 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
 # Architectures whose HF implementation is exactly our Block (pre-norm, RoPE rotate-half, GQA,
-# gated MLP, no biases). Mistral qualifies only while its sliding window covers max_seq_len.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+# gated MLP). Mistral and the Qwen families qualify only while no layer uses a sliding window
+# shorter than max_seq_len. Qwen2 (and Qwen2.5) carry q/k/v biases (our qkv_bias: full precision,
+# added after the ternary product); Qwen3 has a per-head RMSNorm on q and k before RoPE (qk_norm)
+# and, with attention_bias, biases on all four attention projections (o_proj's is not supported).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# model_type -> (qkv_bias, qk_norm) the family's HF code always builds
+FAMILY_FEATURES = {"llama": (False, False), "mistral": (False, False), "qwen2": (True, False), "qwen3": (False, True)}
 SUPPORTED_ROPE_TYPES = ("default",)
 SILU_ACTIVATIONS = ("silu", "swish")  # the same function in transformers' ACT2FN
 IMPORT_NORMS = ("none", "subln")
@@ -83,7 +91,7 @@ def load_hf_llama(
     *,
     gguf_file: str | None = None,
     quant: QuantConfig,
-    norm: str = "none",
+    norm: str | None = None,
     ffn: str | None = None,
     max_seq_len: int | None = None,
     dtype: torch.dtype = torch.float32,
@@ -92,8 +100,12 @@ def load_hf_llama(
 ) -> tuple[BitNetModel, PreTrainedTokenizerFast, dict]:
     """Import a Llama-family checkpoint. -> (model in eval mode on CPU, fast tokenizer, source_info).
 
-    path:        an HF model directory, or the directory holding `gguf_file`, or a .gguf file.
-    norm:        "none" (exact) or "subln" (adds SubLN norms: changes the function).
+    path:        an HF model directory, or the directory holding `gguf_file`, or a .gguf file. A
+                 ternary HF directory (model_type bitnet, or a bitnet quantization_config) is imported
+                 by `importers_bitnet.load_hf_bitnet` with its own norms and quantization
+                 (subln_init and calibration_ids do not apply: its SubLN gains are its own).
+    norm:        None: the checkpoint's own ("none" for Llama-family); "none" (exact) or "subln"
+                 (adds SubLN norms: changes the function).
     subln_init:  "calibrated" (gains fitted by `calibrate_subln`, close to the source's function)
                  or "ones" (unit gains, as a freshly built model has them).
     calibration_ids: (B, T) token ids for the calibration; None: seeded random ids.
@@ -106,6 +118,12 @@ def load_hf_llama(
         path, gguf_file = path.parent, path.name
     if not path.is_dir():
         raise BitNetError(f"cannot import {path}: no such directory")
+    if gguf_file is None:
+        from .importers_bitnet import is_ternary_hf_directory, load_hf_bitnet
+
+        if is_ternary_hf_directory(path):
+            return load_hf_bitnet(path, quant=quant, norm=norm, ffn=ffn, max_seq_len=max_seq_len, dtype=dtype)
+    norm = "none" if norm is None else norm
     if norm not in IMPORT_NORMS:
         raise BitNetError(
             f"import norm must be one of {IMPORT_NORMS} ('none' keeps the checkpoint's function), got {norm!r}"
@@ -233,9 +251,12 @@ def model_config_from_hf(
             f"{source}: model_type {model_type!r} is not a Llama-family model we can import "
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
+    qkv_bias, qk_norm = FAMILY_FEATURES[model_type]
     for flag in ("attention_bias", "mlp_bias"):
         if getattr(hf_config, flag, False):
-            raise BitNetError(f"{source}: {flag} is true; BitNet linear layers have no bias")
+            raise BitNetError(f"{source}: {flag} is true: {model_type} would put a bias on "
+                              f"{'o_proj' if flag == 'attention_bias' else 'the MLP'}, which we do not support "
+                              f"(only Qwen2's q/k/v biases)")
     act = hf_config.hidden_act
     if act not in SILU_ACTIVATIONS:
         raise BitNetError(f"{source}: hidden_act {act!r} is not supported (expected 'silu', a SwiGLU MLP)")
@@ -254,9 +275,11 @@ def model_config_from_hf(
             raise BitNetError(f"max_seq_len must be positive, got {max_seq_len}")
         seq_len = min(seq_len, int(max_seq_len))
     window = getattr(hf_config, "sliding_window", None)
-    if model_type == "mistral" and window is not None and window < seq_len:
+    layer_types = getattr(hf_config, "layer_types", None) or []
+    sliding = model_type == "mistral" or "sliding_attention" in layer_types
+    if sliding and window is not None and window < seq_len:
         raise BitNetError(
-            f"{source}: mistral sliding_window {window} is shorter than max_seq_len {seq_len}; "
+            f"{source}: {model_type} sliding_window {window} is shorter than max_seq_len {seq_len}; "
             f"sliding-window attention is not implemented (pass max_seq_len <= {window})"
         )
 
@@ -278,6 +301,8 @@ def model_config_from_hf(
             tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             norm=norm,
             ffn=ffn,
+            qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
         )
     except ValueError as e:
         raise BitNetError(f"{source}: config does not give a valid model: {e}") from None
@@ -312,9 +337,11 @@ def _read_hf_directory_config(path: Path):
     # Checked before transformers sees it: an unknown or remote-code model_type fails clearly here.
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
+        from .importers_bitnet import TERNARY_MODEL_TYPES
+
         raise BitNetError(
             f"{config_file}: model_type {model_type!r} is not a Llama-family model we can import "
-            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES + TERNARY_MODEL_TYPES)})"
         )
     from transformers import AutoConfig
 

@@ -197,12 +197,13 @@ def build_source_model(mcfg: dict, qcfg: QuantConfig):
         path,
         gguf_file=gguf_file,
         quant=qcfg,
-        norm=overrides.get("norm", "none"),
+        norm=overrides.get("norm"),  # None: the checkpoint's own (none; an HF bitnet directory's subln)
         ffn=overrides.get("ffn"),
         max_seq_len=overrides.get("max_seq_len"),
         subln_init="ones",  # calibrated by run() on training tokens (see importers.calibrate_subln)
     )
-    return model, tok, {**info, "subln_added": overrides.get("norm") == "subln"}
+    # an HF bitnet checkpoint brings its SubLN gains (its importer says subln_added False)
+    return model, tok, {**info, "subln_added": info.get("subln_added", overrides.get("norm") == "subln")}
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -289,6 +290,8 @@ def _run_single(cfg: DictConfig) -> dict:
         raise ConfigError(f"trainer.max_steps must be positive, got {max_steps}")
 
     source_model, tokenizer, provenance = build_source_model(mcfg_raw, qcfg)
+    if source_model is not None:  # an HF bitnet import adds the linears its checkpoint keeps dense
+        qcfg = source_model.quant_config
     dcfg = _checked(lambda: DataConfig(**_as_dict(cfg.data), seed=int(cfg.seed)), "data")
     dm = TextDataModule(dcfg, tokenizer=tokenizer)
     dm.prepare_data()

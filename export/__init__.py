@@ -8,7 +8,7 @@
     from_model      trained BitNetModel (torch) -> ModelArrays: the export quantization step
     sources         run dir / Lightning .ckpt / model/ dir / (--ptq) HF Llama dir or GGUF -> model
     gguf_writer     --format gguf (llama.cpp: bitnet / llama arch, TQ2_0 / TQ1_0)
-    hf_writer       --format hf (transformers BitNet offline autobitlinear layout)
+    hf_writer       --format hf (transformers BitNet layout: packed BitLinear, linear_class bitlinear)
     reference       the PyTorch forward built from a .bitnet file (the runtime's parity reference)
     summary, cli    bitnet-export
 """

@@ -1,8 +1,9 @@
 """`bitnet-export SOURCE -o OUT [--format bitnet|gguf|hf] [--packing 2bit|1.6bit] [--ptq] [--dtype ...]`
 
-SOURCE: a run directory (its model/ is exported), a Lightning checkpoint, a model/ directory, or
-with --ptq a Hugging Face Llama-family directory or GGUF file. Errors print one line and exit 2;
-the output appears only when it is complete.
+SOURCE: a run directory (its model/ is exported; a staged run's last stage), a Lightning checkpoint,
+a model/ directory, an already-ternary checkpoint (a Hugging Face `bitnet` directory, a TQ1_0/TQ2_0
+llama.cpp GGUF), or with --ptq a full-precision Hugging Face Llama/Mistral/Qwen2/Qwen3 directory or
+GGUF file. Errors print one line and exit 2; the output appears only when it is complete.
 """
 
 from __future__ import annotations
@@ -24,16 +25,17 @@ PROGRESS_MIN_BYTES = 64 << 20  # show progress bars from this much output on
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bitnet-export", description=__doc__.split("\n\n")[0])
-    p.add_argument("source", metavar="SOURCE", help="run directory, Lightning .ckpt, model/ directory "
-                   "(or with --ptq: a Hugging Face Llama directory or .gguf file)")
+    p.add_argument("source", metavar="SOURCE", help="run directory, Lightning .ckpt, model/ directory, HF bitnet "
+                   "directory, TQ1_0/TQ2_0 .gguf (or with --ptq: a full-precision HF directory or .gguf file)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file (bitnet, gguf) or directory (hf)")
     p.add_argument("--format", choices=("bitnet", "gguf", "hf"), default="bitnet")
     p.add_argument("--packing", choices=tuple(PACKING_OF), default="2bit",
                    help="ternary packing: 2bit (i2_b128 / GGUF TQ2_0) or 1.6bit (t3_b5 / GGUF TQ1_0)")
     p.add_argument("--ptq", action="store_true",
                    help="ternarize post-training: allows models trained without quantization or with lambda < 1")
-    p.add_argument("--dtype", choices=tuple(DTYPE_OF), default="fp16", help="dtype of embeddings, norms, lm_head, "
-                   "high-precision linears")
+    p.add_argument("--dtype", choices=tuple(DTYPE_OF), help="dtype of embeddings, norms, lm_head, "
+                   "high-precision linears (default fp16; bf16 for --format hf, where transformers' BitLinear "
+                   "can overflow float16, see hf_writer)")
     p.add_argument("--tokenizer", metavar="DIR", help="take tokenizer.json / tokenizer_config.json from DIR")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -49,7 +51,8 @@ def export(args: argparse.Namespace) -> "ExportSummary":
     from .summary import make_summary, print_summary
 
     console = Console(stderr=True)
-    packing, dtype = PACKING_OF[args.packing], DTYPE_OF[args.dtype]
+    packing = PACKING_OF[args.packing]
+    dtype = DTYPE_OF[args.dtype or ("bf16" if args.format == "hf" else "fp16")]
     out = Path(args.output)
     if out.exists() and (out.is_dir() != (args.format == "hf")):
         raise BitNetError(f"output {out} exists and is a {'directory' if out.is_dir() else 'file'}; "

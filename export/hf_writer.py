@@ -1,14 +1,28 @@
-"""`--format hf`: a Hugging Face directory in the transformers BitNet layout (offline AutoBitLinear).
+"""`--format hf`: a Hugging Face directory in the transformers BitNet layout (packed BitLinear).
 
-    config.json          model_type "bitnet" (SubLN models) or "llama" (norm none / bitlinear), with
-                         quantization_config {quant_method: bitnet, linear_class: autobitlinear,
+    config.json          model_type "bitnet" (SubLN models), "qwen2" (q/k/v biases), "qwen3" (QK-norm)
+                         or "llama" (other norm none / bitlinear models), with
+                         quantization_config {quant_method: bitnet, linear_class: bitlinear,
                          quantization_mode: offline, modules_to_not_convert: [lm_head, hybrid linears],
                          use_rms_norm: true for norm "bitlinear"}
     model.safetensors    ternary linear NAME: `model.NAME.weight` uint8 (out/4, in), codes + 1 packed
                          along rows as transformers' `pack_weights` (stored row r, bits 2i..2i+1 hold
-                         row r + i*out/4), and `model.NAME.weight_scale` (1,) = s_w, multiplied
-                         (AutoBitLinear: y = F.linear(act_quant(x), codes) * weight_scale)
+                         row r + i*out/4), and `model.NAME.weight_scale` (1,) float32 = 1 / s_w,
+                         DIVIDED (BitLinear: y = acc / (s_x * weight_scale), microsoft's 2B4T layout)
     tokenizer.json, tokenizer_config.json
+
+Why BitLinear and not offline AutoBitLinear (W = codes * weight_scale, what we wrote before): for
+an offline AutoBitLinear checkpoint transformers 5 runs a deserializer on every `*.weight` tensor
+and then skips the cast to the requested dtype, so embeddings and norms keep the stored dtype while
+the unpacked linears take the requested one; from_pretrained(dtype=...) at any dtype but the
+stored one fails at the first matmul ("expected m1 and m2 to have the same dtype"). BitLinear's
+packed buffers load through the plain path, which casts every float tensor, so the directory loads
+at float32, bfloat16 and float16. The price is float16 arithmetic: BitLinear computes s_x and
+s_x * weight_scale = 127 / (max|x| * s_w) in the load dtype, which passes float16's 65504 (and
+zeroes the row) once max|x| < 127 / (65504 * s_w), about 0.1 for s_w = 0.02. Right after a SubLN or
+in-layer norm max|x| is at least about the norm's gain, so those inputs stay above it unless the
+gains are that small; a norm "none" model's o_proj / down_proj inputs often fall below it. bfloat16
+has float32's range: prefer it to float16.
 
 What transformers 5.x supports (integrations/bitnet.py, models/bitnet): the BitNet model's SubLN
 norms are hidden_size wide (so num_heads * head_dim == hidden_size); packed rows need
@@ -44,6 +58,26 @@ def unpack_hf_rows(packed: np.ndarray) -> np.ndarray:
     return np.concatenate([((packed >> (2 * i)) & 3).astype(np.int8) - 1 for i in range(VALUES_PER_ITEM)], axis=0)
 
 
+_ARCHITECTURES = {"bitnet": "BitNetForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "qwen3": "Qwen3ForCausalLM"}
+
+
+def hf_family(cfg: dict) -> str:
+    """The transformers model_type that computes this config, or FormatError saying why none does.
+
+    transformers' BitLinear adds a linear's bias after its scaled product, as we do, so Qwen2's
+    q/k/v biases carry over; Qwen3's q_norm / k_norm are plain modules of its attention."""
+    qkv_bias, qk_norm = cfg.get("qkv_bias", False), cfg.get("qk_norm", False)
+    if qkv_bias or qk_norm:
+        if cfg["norm"] != "none" or cfg["ffn"] != "swiglu" or (qkv_bias and qk_norm):
+            raise FormatError(
+                "transformers has q/k/v biases only in Qwen2 and QK-norm only in Qwen3, both without SubLN and "
+                f"with a SwiGLU MLP; this model has norm {cfg['norm']!r}, ffn {cfg['ffn']!r}, qkv_bias {qkv_bias}, "
+                f"qk_norm {qk_norm}. Export --format bitnet instead")
+        return "qwen2" if qkv_bias else "qwen3"
+    return "bitnet" if cfg["norm"] == "subln" else "llama"
+
+
 def hf_config(arrays: ModelArrays, dense_dtype: str) -> dict:
     cfg = arrays.config
     if cfg["norm"] == "subln" and cfg["num_heads"] * cfg["head_dim"] != cfg["hidden_size"]:
@@ -58,6 +92,7 @@ def hf_config(arrays: ModelArrays, dense_dtype: str) -> dict:
         if name in arrays.ternary and n_out % VALUES_PER_ITEM:
             raise FormatError(f"{name}: out_features {n_out} is not a multiple of 4 (transformers packs 4 rows per byte)")
     subln = cfg["norm"] == "subln"
+    family = hf_family(cfg)
     tc = arrays.tokenizer_config
     vocab = {}
     if arrays.tokenizer_json:
@@ -71,8 +106,8 @@ def hf_config(arrays: ModelArrays, dense_dtype: str) -> dict:
         return vocab.get(t) if isinstance(t, str) else None
 
     return {
-        "architectures": ["BitNetForCausalLM" if subln else "LlamaForCausalLM"],
-        "model_type": "bitnet" if subln else "llama",
+        "architectures": [_ARCHITECTURES[family]],
+        "model_type": family,
         "vocab_size": cfg["vocab_size"],
         "hidden_size": cfg["hidden_size"],
         "intermediate_size": cfg["intermediate_size"],
@@ -95,7 +130,7 @@ def hf_config(arrays: ModelArrays, dense_dtype: str) -> dict:
         "dtype": TORCH_DTYPES[dense_dtype],
         "quantization_config": {
             "quant_method": "bitnet",
-            "linear_class": "autobitlinear",
+            "linear_class": "bitlinear",
             "quantization_mode": "offline",
             "modules_to_not_convert": ["lm_head"] + [f"model.{n}" for n in dense_linears],
             "use_rms_norm": cfg["norm"] == "bitlinear",
@@ -125,12 +160,17 @@ def write_hf(path: str | os.PathLike, arrays: ModelArrays, dense_dtype: str = "F
     for name, (codes, s_w) in arrays.ternary.items():
         packed = pack_hf_rows(codes)
         state[f"model.{name}.weight"] = torch.from_numpy(packed)
-        state[f"model.{name}.weight_scale"] = torch.tensor([s_w], dtype=torch.float32).to(dtype)
+        # float64 reciprocal, stored float32 whatever dense_dtype (transformers casts it at load)
+        state[f"model.{name}.weight_scale"] = torch.tensor([1.0 / s_w], dtype=torch.float64).float()
         ternary_bytes += packed.nbytes
     for name, x in arrays.dense.items():
         state[hf_name(name)] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dtype)
-    notes = ["transformers' BitNet integration: weight_scale is multiplied (offline AutoBitLinear); "
-             f"weight_scale stored in {TORCH_DTYPES[dense_dtype]}"]
+    notes = ["transformers' BitNet integration: weight_scale = 1 / s_w is divided (BitLinear, linear_class "
+             "bitlinear); weight_scale stored in float32"]
+    if dense_dtype == "F16" and arrays.config["norm"] == "none":
+        notes.append("at float16, transformers' BitLinear overflows s_x * weight_scale (a zero row) where a row's "
+                     "input max < 127 / (65504 * s_w), as a norm-'none' model's o_proj/down_proj inputs can be: "
+                     "load it with dtype=torch.bfloat16")
     if abs(arrays.eps - 1e-5) > 1e-12:
         notes.append(f"quant eps {arrays.eps} differs from transformers' fixed 1e-5 activation clamp")
     with atomic_dir(path) as tmp:

@@ -1,5 +1,6 @@
-"""What `bitnet-export` can read: a run directory, a Lightning checkpoint, a `model/` directory, or
-(with --ptq) a Hugging Face Llama-family directory / GGUF file. Each becomes a `LoadedSource`.
+"""What `bitnet-export` can read: a run directory, a Lightning checkpoint, a `model/` directory, a
+ternary (TQ1_0/TQ2_0) llama.cpp GGUF, a ternary Hugging Face directory (model_type bitnet), or
+(with --ptq) a Hugging Face Llama-family directory / other GGUF file. Each becomes a `LoadedSource`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 @dataclass
 class LoadedSource:
     model: BitNetModel
-    kind: str  # model_dir | checkpoint | hf
+    kind: str  # model_dir | checkpoint | hf | gguf (ternary, bitnet_train.gguf_import)
     path: Path
     tokenizer_json: str | None = None
     tokenizer_config: dict = field(default_factory=dict)
@@ -114,8 +115,14 @@ def _load_checkpoint(path: Path) -> LoadedSource:
 
 def _load_hf(path: Path) -> LoadedSource:
     from ..importers import load_hf_llama
+    from ..importers_bitnet import is_ternary_hf_directory
 
-    model, tokenizer, info = load_hf_llama(path, quant=QuantConfig(method="none"), norm="none")
+    if path.is_dir() and is_ternary_hf_directory(path):
+        # already ternary (HF bitnet: packed, or master weights quantized online): imported with its
+        # own quantization, norms and activation, it exports without --ptq
+        model, tokenizer, info = load_hf_llama(path, quant=QuantConfig())
+    else:
+        model, tokenizer, info = load_hf_llama(path, quant=QuantConfig(method="none"), norm="none")
     tok_json, tok_cfg = None, {}
     if tokenizer is not None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -127,6 +134,26 @@ def _load_hf(path: Path) -> LoadedSource:
     })
 
 
+def _load_ternary_gguf(path: Path, *, ptq: bool) -> LoadedSource:
+    from ..gguf_import import load_ternary_gguf
+
+    model, tokenizer, info = load_ternary_gguf(path, ptq=ptq)
+    tok_json, tok_cfg = None, {}
+    if tokenizer is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            tok_json, tok_cfg = read_tokenizer_dir(Path(tmp))
+    return LoadedSource(model, "gguf", path, tok_json, tok_cfg, {
+        "recipe": None, "step": None, "source_sha256": info.pop("sha256"), "gguf": info,
+    })
+
+
+def _stage_dirs(path: Path) -> list[Path]:
+    """RUN_DIR/stage1, stage2, ... of a staged recipe, in stage order (not name order: stage10 > stage9)."""
+    found = [(int(d.name[5:]), d) for d in path.glob("stage*") if d.is_dir() and d.name[5:].isdigit()]
+    return [d for _, d in sorted(found)]
+
+
 def load_source(path: str | os.PathLike, *, ptq: bool = False) -> LoadedSource:
     path = Path(path)
     if not path.exists():
@@ -135,20 +162,36 @@ def load_source(path: str | os.PathLike, *, ptq: bool = False) -> LoadedSource:
         if path.suffix == ".ckpt":
             return _load_checkpoint(path)
         if path.suffix == ".gguf":
+            from ..gguf_import import has_ternary_linears
+
+            if has_ternary_linears(path):  # TQ1_0 / TQ2_0: already ternary, read by our own importer
+                return _load_ternary_gguf(path, ptq=ptq)
             if not ptq:
-                raise CheckpointError(f"{path} is a GGUF model, not a trained BitNet: pass --ptq to ternarize it")
+                raise CheckpointError(f"{path} is a GGUF model without ternary (TQ1_0/TQ2_0) tensors, not a "
+                                      f"trained BitNet: pass --ptq to ternarize it")
             return _load_hf(path)
         raise CheckpointError(f"{path}: expected a Lightning checkpoint (.ckpt), a run directory or a model/ directory")
     if _is_model_dir(path):
         return _load_model_dir(path)
     if _is_model_dir(path / "model"):
         return _load_model_dir(path / "model")
+    stages = _stage_dirs(path)
+    if stages:  # a staged recipe's run directory: RUN_DIR/stage1 .. stageN, each a run directory
+        last = stages[-1]
+        if not _is_model_dir(last / "model"):
+            done = [d.name for d in stages if _is_model_dir(d / "model")]
+            hint = f"; pass {path / done[-1]} to export an earlier stage" if done else ""
+            raise CheckpointError(f"staged run {path}: its last stage {last.name} has no model/ "
+                                  f"(training has not finished){hint}")
+        return _load_model_dir(last / "model")
     if (path / "checkpoints").is_dir():
         ckpts = sorted((path / "checkpoints").glob("*.ckpt"))
         hint = f"; pass a checkpoint instead, e.g. {ckpts[-1]}" if ckpts else ""
         raise CheckpointError(f"run directory {path} has no model/ (training has not finished){hint}")
     if (path / "config.json").is_file():
-        if not ptq:
+        from ..importers_bitnet import is_ternary_hf_directory
+
+        if not ptq and not is_ternary_hf_directory(path):
             raise CheckpointError(f"{path} is a Hugging Face checkpoint, not a trained BitNet: pass --ptq to ternarize it")
         return _load_hf(path)
     raise CheckpointError(f"{path} is neither a run directory, a model/ directory nor a Hugging Face directory")

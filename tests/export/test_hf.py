@@ -53,7 +53,7 @@ def test_transformers_loads_and_matches_logits(tmp_path, tokenizer, variant, kee
     assert main([str(tmp_path / "model"), "-o", str(out), "--format", "hf", "--dtype", "fp32", "-q"]) == 0
     config = json.loads((out / "config.json").read_text())
     q = config["quantization_config"]
-    assert (q["quant_method"], q["linear_class"], q["quantization_mode"]) == ("bitnet", "autobitlinear", "offline")
+    assert (q["quant_method"], q["linear_class"], q["quantization_mode"]) == ("bitnet", "bitlinear", "offline")
     hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     assert type(hf).__name__ == ("BitNetForCausalLM" if cfg.norm == "subln" else "LlamaForCausalLM")
     idx = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
@@ -67,6 +67,83 @@ def test_transformers_loads_and_matches_logits(tmp_path, tokenizer, variant, kee
     assert tk.encode("To be, or not", add_special_tokens=False) == tokenizer.encode("To be, or not", add_special_tokens=False)
 
 
+@pytest.fixture(scope="module")
+def hf_and_bitnet_f16(trained_model_dir, tmp_path_factory):
+    """The same trained model/ exported with fp16 dense tensors as an HF directory and a .bitnet."""
+    d = tmp_path_factory.mktemp("f16")
+    assert main([str(trained_model_dir[0]), "-o", str(d / "hf"), "--format", "hf", "--dtype", "fp16", "-q"]) == 0
+    assert main([str(trained_model_dir[0]), "-o", str(d / "m.bitnet"), "-q"]) == 0
+    return d / "hf", d / "m.bitnet"
+
+
+def test_the_default_dense_dtype_is_bf16_for_hf_and_fp16_for_bitnet(trained_model_dir, tmp_path):
+    from bitnet_train.export.reader import open_model
+
+    assert main([str(trained_model_dir[0]), "-o", str(tmp_path / "hf"), "--format", "hf", "-q"]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert main([str(trained_model_dir[0]), "-o", str(tmp_path / "m.bitnet"), "-q"]) == 0
+    assert open_model(tmp_path / "m.bitnet").dense_dtype == "F16"
+
+
+# (median, max) of |logits - the .bitnet's| as a fraction of the largest logit: float32 is the same
+# math as the file (an activation on a rounding boundary may flip), bfloat16 / float16 run
+# transformers' BitLinear in that dtype (its int8 codes are computed in it too).
+DTYPE_TOLERANCES = {torch.float32: (1e-6, 0.02), torch.bfloat16: (5e-3, 0.06), torch.float16: (3e-3, 0.05)}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_TOLERANCES), ids=lambda d: str(d).removeprefix("torch."))
+def test_export_loads_at_any_dtype_with_the_bitnet_files_logits(hf_and_bitnet_f16, dtype):
+    """from_pretrained(dtype=...) of an fp16 export: every dtype loads and computes the .bitnet's logits
+    (an offline AutoBitLinear layout loaded only at its stored dtype, see hf_writer's docstring)."""
+    from transformers import AutoModelForCausalLM
+
+    from bitnet_train.export.reference import build_reference_model
+
+    hf_dir, bitnet = hf_and_bitnet_f16
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).eval()
+    assert {p.dtype for p in hf.parameters()} == {dtype}
+    ref = build_reference_model(bitnet)
+    idx = torch.randint(0, ref.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = hf(idx).logits.float(), ref(idx)
+    scale, (median, worst) = float(want.abs().max()), DTYPE_TOLERANCES[dtype]
+    diff = (got - want).abs() / scale
+    assert diff.median() < median and diff.max() < worst, (float(diff.median()), float(diff.max()))
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("variant,keep", [
+    (dict(norm="subln"), ["layers.1.mlp.down_proj"]),
+    (dict(norm="none", ffn="relu2", tie_embeddings=True), []),
+    (dict(norm="bitlinear"), []),
+])
+def test_our_hf_export_imports_back_to_its_bitnet_files_logits(tmp_path, tokenizer, variant, keep):
+    """--format hf -> importers (bitnet branch) -> the same function, codes and scales as the .bitnet."""
+    from bitnet_train.export.reader import open_model
+    from bitnet_train.export.reference import build_reference_model
+    from bitnet_train.importers import load_hf_llama
+
+    model = train_tiny(ModelConfig(**{**TINY, **variant}), QuantConfig(keep_high_precision=keep), steps=2)
+    save_model_dir(tmp_path / "model", model, tokenizer)
+    for fmt, out in (("hf", "hf"), ("bitnet", "m.bitnet")):
+        assert main([str(tmp_path / "model"), "-o", str(tmp_path / out), "--format", fmt, "--dtype", "fp32", "-q"]) == 0
+    imported, _, info = load_hf_llama(tmp_path / "hf", quant=QuantConfig())
+    assert imported.config == model.config and info["exact"] and info["kept_high_precision"] == keep
+    assert info["quantization"] == "bitlinear offline"
+    f = open_model(tmp_path / "m.bitnet")
+    arrays = model_arrays(imported)
+    assert sorted(arrays.ternary) == sorted(f.ternary_layers())
+    for name, (codes, s_w) in arrays.ternary.items():
+        np.testing.assert_array_equal(codes, f.codes(name))
+        # s_w -> 1 / s_w (float32) -> its reciprocal -> ternary_master_weight: a few ulps
+        assert abs(s_w / float(f.scale(name)) - 1) < 5e-7, name
+    idx = torch.randint(0, model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = imported(idx), build_reference_model(tmp_path / "m.bitnet")(idx)
+    diff = (got - want).abs()
+    assert diff.max() < 0.02 * want.abs().max() and diff.median() < 1e-5, (diff.max(), diff.median())
+
+
 @pytest.mark.parametrize("variant,keep,match", [
     (dict(norm="subln", head_dim=32), [], "num_heads \\* head_dim"),
     (dict(norm="bitlinear"), ["layers.0.*"], "use_rms_norm"),
@@ -77,3 +154,42 @@ def test_unsupported_models_are_refused(tmp_path, variant, keep, match):
     with pytest.raises(FormatError, match=match):
         write_hf(tmp_path / "hf", arrays)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("variant", [dict(qkv_bias=True, tie_embeddings=True), dict(qk_norm=True, head_dim=32)],
+                         ids=["qwen2", "qwen3"])
+def test_qwen_exports_load_in_transformers_and_import_back(tmp_path, tokenizer, variant):
+    """q/k/v biases / QK-norm: --format hf writes model_type qwen2 / qwen3 with a bitnet
+    quantization_config; transformers computes the .bitnet's logits and our importer reads it back."""
+    from transformers import AutoModelForCausalLM
+
+    from bitnet_train.export.reference import build_reference_model
+    from bitnet_train.importers import load_hf_llama
+
+    torch.manual_seed(0)
+    model = BitNetModel(ModelConfig(**{**TINY, "norm": "none", **variant}), QuantConfig()).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # biases and norms away from their zero / one init
+                p.uniform_(0.5, 1.5)
+    save_model_dir(tmp_path / "model", model, tokenizer)
+    for fmt, out in (("hf", "hf"), ("bitnet", "m.bitnet")):
+        assert main([str(tmp_path / "model"), "-o", str(tmp_path / out), "--format", fmt, "--dtype", "fp32", "-q"]) == 0
+    family = "qwen2" if variant.get("qkv_bias") else "qwen3"
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == family
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    imported, _, _ = load_hf_llama(tmp_path / "hf", quant=QuantConfig())
+    assert imported.config == model.config
+    idx = torch.randint(0, model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = build_reference_model(tmp_path / "m.bitnet")(idx)
+        for got in (hf(idx).logits, imported(idx)):
+            diff = (got - want).abs()
+            assert diff.max() < 0.02 * want.abs().max() and diff.median() < 1e-5, (diff.max(), diff.median())
+
+
+def test_qwen_features_without_a_transformers_family_are_refused(tmp_path, tokenizer):
+    model = BitNetModel(ModelConfig(**{**TINY, "norm": "subln", "qkv_bias": True}), QuantConfig())
+    save_model_dir(tmp_path / "model", model, tokenizer)
+    assert main([str(tmp_path / "model"), "-o", str(tmp_path / "hf"), "--format", "hf", "-q"]) == 2
+    assert not (tmp_path / "hf").exists()

@@ -17,7 +17,7 @@ from bitnet_train.model import BitNetModel, ModelConfig, QuantConfig
 from bitnet_train.model_dir import save_model_dir
 from bitnet_train.quant import set_model_lambda
 
-from tiny_models import TINY, train_tiny
+from tiny_models import TINY, tiny_tokenizer, train_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -215,3 +215,24 @@ def test_cli_json_summary(trained_model_dir, tmp_path, capsys):
     assert 1.6 <= s["ternary_bits_per_weight"] < 1.7
     assert s["file_bytes"] == (tmp_path / "m.bitnet").stat().st_size < s["fp16_bytes"]
     assert s["scales"]["layers.*.self_attn.q_proj"]["count"] == 2
+
+
+def test_a_staged_run_directory_exports_its_last_stage(trained_model_dir, tmp_path, capsys):
+    """A staged recipe writes RUN_DIR/stage1/model .. stageN/model: the run exports the final stage."""
+    import shutil
+
+    path, model = trained_model_dir
+    run = tmp_path / "staged"
+    shutil.copytree(path, run / "stage2" / "model")
+    first = BitNetModel(model.config, model.quant_config)  # another model: stage 1's weights differ
+    save_model_dir(run / "stage1" / "model", first, tiny_tokenizer(), {"recipe": "tiny_test", "step": 1})
+    out = tmp_path / "m.bitnet"
+    export_ok(run, "-o", out, "--dtype", "fp32")
+    f = open_model(out)
+    assert f.provenance["step"] == 5
+    codes, s_w = model.bitlinear_modules()["layers.0.self_attn.q_proj"].quantized_weight()
+    assert torch.equal(torch.from_numpy(f.dequantize("layers.0.self_attn.q_proj")), codes.float() * s_w)
+    (run / "stage3").mkdir()  # a stage that has not finished
+    assert main([str(run), "-o", str(tmp_path / "n.bitnet")]) == 2
+    err = capsys.readouterr().err
+    assert "last stage stage3 has no model/" in err and "stage2" in err and not (tmp_path / "n.bitnet").exists()
