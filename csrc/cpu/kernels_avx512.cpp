@@ -71,17 +71,35 @@ inline void ternary_row_tile(const uint8_t* row, int64_t n_blocks, const QuantRo
   // per-16-bit-lane shift counts: low half 0 / high half 2 (elements 0..63); 4 / 6 (64..127)
   const __m512i shift01 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
   const __m512i shift23 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1);
-  __m512i acc0[NA], acc1[NA];
+  // Two blocks per step into four accumulators per activation row: vpdpbusd's latency (4-5
+  // cycles) on two chains, not the loads, bounded the one-block loop (m = 1 decode).
+  __m512i acc0[NA], acc1[NA], acc2[NA], acc3[NA];
   const int8_t* xq[NA];
   for (int a = 0; a < NA; ++a) {
-    acc0[a] = _mm512_setzero_si512();
-    acc1[a] = _mm512_setzero_si512();
+    acc0[a] = acc1[a] = acc2[a] = acc3[a] = _mm512_setzero_si512();
     xq[a] = x.q + (i0 + a) * x.stride;
   }
-  for (int64_t b = 0; b < n_blocks; ++b) {
+  auto decode = [&](int64_t b, __m512i& q01, __m512i& q23) {
     const __m512i w = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kI2BlockBytes)));
-    const __m512i q01 = _mm512_and_si512(_mm512_srlv_epi16(w, shift01), mask);
-    const __m512i q23 = _mm512_and_si512(_mm512_srlv_epi16(w, shift23), mask);
+    q01 = _mm512_and_si512(_mm512_srlv_epi16(w, shift01), mask);
+    q23 = _mm512_and_si512(_mm512_srlv_epi16(w, shift23), mask);
+  };
+  int64_t b = 0;
+  for (; b + 2 <= n_blocks; b += 2) {
+    __m512i qa01, qa23, qb01, qb23;
+    decode(b, qa01, qa23);
+    decode(b + 1, qb01, qb23);
+    for (int a = 0; a < NA; ++a) {
+      const int8_t* xb = xq[a] + b * kI2BlockCodes;
+      acc0[a] = _mm512_dpbusd_epi32(acc0[a], qa01, _mm512_loadu_si512(xb));
+      acc1[a] = _mm512_dpbusd_epi32(acc1[a], qa23, _mm512_loadu_si512(xb + 64));
+      acc2[a] = _mm512_dpbusd_epi32(acc2[a], qb01, _mm512_loadu_si512(xb + 128));
+      acc3[a] = _mm512_dpbusd_epi32(acc3[a], qb23, _mm512_loadu_si512(xb + 192));
+    }
+  }
+  if (b < n_blocks) {
+    __m512i q01, q23;
+    decode(b, q01, q23);
     for (int a = 0; a < NA; ++a) {
       const int8_t* xb = xq[a] + b * kI2BlockCodes;
       acc0[a] = _mm512_dpbusd_epi32(acc0[a], q01, _mm512_loadu_si512(xb));
@@ -89,7 +107,8 @@ inline void ternary_row_tile(const uint8_t* row, int64_t n_blocks, const QuantRo
     }
   }
   for (int a = 0; a < NA; ++a) {
-    const int32_t dot = _mm512_reduce_add_epi32(_mm512_add_epi32(acc0[a], acc1[a])) - x.sum[i0 + a];
+    const __m512i sum4 = _mm512_add_epi32(_mm512_add_epi32(acc0[a], acc1[a]), _mm512_add_epi32(acc2[a], acc3[a]));
+    const int32_t dot = _mm512_reduce_add_epi32(sum4) - x.sum[i0 + a];
     y[(i0 + a) * y_stride + r] = static_cast<float>(dot) * (s_w / x.scale[i0 + a]);
   }
 }

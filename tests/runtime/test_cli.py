@@ -131,6 +131,7 @@ def test_bench_json(files):
     assert res["prefill_tokens"] == 16 and res["decode_tokens"] == 8 and res["threads"] == 1
     assert res["prefill_tok_s"] > 0 and res["decode_tok_s"] > 0 and res["weight_bytes_per_token"] > 0
     assert res["lm_head"] == "fp" and res["kv_cache"] == "f32"
+    assert res["load_s"] > 0 and res["peak_rss_mib"] > 0 and res["major_page_faults"] >= 0
     r8 = run_cli("bench", files["model"], "--prefill", "16", "--decode", "8", "--no-bandwidth", "--json",
                  "--lm-head", "int8", "--kv-cache", "f16")
     assert r8.returncode == 0, r8.stderr
@@ -327,3 +328,30 @@ def test_a_corrupted_file_in_a_subprocess_has_no_traceback(files, tmp_path):
     (tmp_path / "bad.bitnet").write_bytes(data)
     r = run_cli("generate", tmp_path / "bad.bitnet", "-p", "hi")
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+
+
+def test_verify_a_good_file(files):
+    r = run_cli("verify", files["model"], "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["ok"] is True and res["bytes"] == os.path.getsize(files["model"]) and res["tensors"] > 10
+    assert run_cli("verify", files["model"]).stdout.startswith("ok: ")
+
+
+def test_verify_names_a_corrupt_tensor_and_an_invalid_code(files, tmp_path, capsys):
+    from bitnet_train.export.reader import open_model
+
+    data = bytearray(open(files["model"], "rb").read())
+    f = open_model(files["model"])
+    name = "layers.1.mlp.down_proj.qweight"
+    off = f._data_start + f._entries[name]["data_offsets"][0]
+    flipped = bytearray(data)
+    flipped[off + 3] ^= 0x01  # 0 <-> 1 or 2 <-> 3 in one 2-bit field
+    (tmp_path / "crc.bitnet").write_bytes(flipped)
+    assert_one_line_error(capsys, ["verify", tmp_path / "crc.bitnet"], f"tensor {name}: checksum mismatch")
+    three = bytearray(data)
+    three[off + 3] = 0xFF  # four codes 3; the checksum left stale is skipped below
+    (tmp_path / "code.bitnet").write_bytes(three)
+    assert_one_line_error(capsys, ["verify", tmp_path / "code.bitnet"], f"tensor {name}: checksum mismatch")
+    with pytest.raises(ValueError, match="layers.1.mlp.down_proj.qweight' holds the invalid 2-bit code 3"):
+        Engine.load(tmp_path / "code.bitnet", verify_checksums=False)
