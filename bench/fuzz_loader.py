@@ -27,7 +27,8 @@ SEED_CONTEXTS = (64, 256)
 
 def write_seeds(directory: Path) -> list[Path]:
     """Real exports to start from: the runtime tests' tiny model (ChatML tokenizer), its no-template
-    twin, a t3_b5 (1.6-bit) file and an fp32/tied one (needs torch, like the tests)."""
+    twin, a t3_b160 and a t3_b5 (1.6-bit, versions 2 and 1) file and an fp32/tied one (needs torch,
+    like the tests)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "runtime"))
     import tiny_files
 
@@ -39,6 +40,7 @@ def write_seeds(directory: Path) -> list[Path]:
         out += list(tiny_files.build(str(directory / f"ctx{ctx}"), ctx).values())
     model = tiny_files.make_model()
     arrays = model_arrays(model, tokenizer_json=tiny_files.tokenizer_json(), tokenizer_config={"eos_token": "<|im_end|>"})
+    out.append(write_bitnet(directory / "t160.bitnet", arrays, packing="t3_b160", dense_dtype="F16"))
     out.append(write_bitnet(directory / "t3.bitnet", arrays, packing="t3_b5", dense_dtype="BF16"))
     out.append(write_bitnet(directory / "f32.bitnet", arrays, packing="i2_b128", dense_dtype="F32"))
     corpus = directory / "corpus"

@@ -1,5 +1,6 @@
-// Kernel microbenchmark: GMAC/s of each compiled ISA's ternary and dense kernels on one thread,
-// for decode (m = 1) and prefill (m = 128) shapes of bitnet-large. Prints a table.
+// Kernel microbenchmark: GMAC/s of each compiled ISA's ternary (i2_b128 "ternary", t3_b160 "t3")
+// and dense kernels on one thread, for decode (m = 1), batch (m = 8) and prefill (m = 128).
+// Prints a table; "weight GB/s" counts the packed bytes each kernel reads.
 //   cmake -S . -B build/bench -DBITNET_PYTHON=OFF -DBITNET_CPP_TESTS=ON -DBITNET_CUDA=OFF
 //   cmake --build build/bench --target bitnet_kernel_bench && build/bench/bitnet_kernel_bench [OUT IN]
 // OUT x IN is the weight matrix (default 4096 x 1536, 1.5 MB ternary: L3-resident on most CPUs; a
@@ -44,6 +45,12 @@ int main(int argc, char** argv) {
   std::vector<uint8_t> w(static_cast<size_t>(out * nb * kI2BlockBytes));
   std::uniform_int_distribution<int> code(0, 2);
   for (auto& b : w) b = static_cast<uint8_t>(code(rng) | code(rng) << 2 | code(rng) << 4 | code(rng) << 6);
+  // t3_b160: each byte one of the 243 encodings, uniform (random codes; padding codes random too,
+  // which costs nothing here: the padded activations are zero)
+  const int64_t nb3 = t3_blocks_per_row(in);
+  std::vector<uint8_t> w3(static_cast<size_t>(out * nb3 * kT3BlockBytes));
+  std::uniform_int_distribution<int> value(0, 242);
+  for (auto& b : w3) b = static_cast<uint8_t>((256 * value(rng) + 242) / 243);
   std::vector<uint16_t> wd(static_cast<size_t>(out * in));
   for (auto& h : wd) h = static_cast<uint16_t>(0x3000 + (rng() & 0x3ff));  // small fp16 values
   std::printf("%-8s %8s %6s %12s %12s\n", "isa", "kernel", "m", "GMAC/s", "weight GB/s");
@@ -61,6 +68,9 @@ int main(int argc, char** argv) {
       double s = seconds_per_call([&] { kt.ternary_rows(w.data(), nb, 0, out, xr, 0.02f, y.data(), out); });
       std::printf("%-8s %8s %6lld %12.2f %12.2f\n", isa.c_str(), "ternary", static_cast<long long>(m),
                   out * in * m / s * 1e-9, w.size() / s * 1e-9);
+      s = seconds_per_call([&] { kt.ternary_rows_t3(w3.data(), nb3, 0, out, xr, 0.02f, y.data(), out); });
+      std::printf("%-8s %8s %6lld %12.2f %12.2f\n", isa.c_str(), "t3", static_cast<long long>(m),
+                  out * in * m / s * 1e-9, w3.size() / s * 1e-9);
       s = seconds_per_call([&] { kt.dense_rows(wd.data(), DType::F16, in, 0, out, x.data(), m, in, y.data(), out); });
       std::printf("%-8s %8s %6lld %12.2f %12.2f\n", isa.c_str(), "f16", static_cast<long long>(m),
                   out * in * m / s * 1e-9, wd.size() * 2 / s * 1e-9);

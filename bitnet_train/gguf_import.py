@@ -10,8 +10,10 @@ string length becomes a MemoryError or a hang before anything can be checked. He
 size is bounded by the bytes left in the file before anything is allocated from it (a tensor info
 takes at least 24 bytes, a key/value pair 13, an array element its width or 8 for a string), every
 tensor's [offset, offset + size) must lie inside the data section, and a bad file gives one
-CheckpointError line naming the key or tensor. Tensor data is read through a numpy memmap, one
-tensor at a time, into the model built once everything is checked (peak: the fp32 model plus one
+CheckpointError line naming the key or tensor. The header is parsed from a numpy memmap; tensor data
+is read with plain reads (a mapped page, once touched, stays resident while the map is open), one
+tensor at a time, once everything is checked: into the model (load_ternary_gguf, peak: the fp32
+model plus one tensor) or by bitnet-export straight from `open_ternary_gguf`'s lazy state (peak: one
 tensor). gguf-py only names (and sizes, for the offset checks) ggml types this module does not read.
 
 Block layouts (gguf-py `quants.py`, ggml `dequantize_row_tq*`): 256 weights per block along a row,
@@ -63,6 +65,7 @@ template is `tokenizer.chat_template`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import struct
@@ -73,8 +76,9 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
-from .model import BitNetModel, ModelConfig, QuantConfig
+from .model import ModelConfig, QuantConfig
 from .quant import EPS, ternary_master_weight
+from .tensor_files import LazyCheckpoint, LazyTensor, meta_model
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)  # v1 counted in 32 bits; llama.cpp no longer reads it
@@ -191,7 +195,7 @@ class _Cursor:
 
 class GGUFFile:
     """A parsed GGUF: `metadata` {key: value}, `value_types` {key: GGUF type id}, `tensors` {name:
-    TensorInfo}, and each tensor's bytes through `raw(name)` (a read-only view of the memmap).
+    TensorInfo}, and each tensor's bytes through `raw(name)` (read from the file at each call).
 
     Values: ints, floats, bools and strings as Python objects; arrays of strings as lists; numeric
     arrays as numpy arrays (their element type in `array_types`).
@@ -305,8 +309,15 @@ class GGUFFile:
 
     def raw(self, name: str) -> np.ndarray:
         t = self.tensors[name]
-        start = self.data_start + t.offset
-        return self._map[start:start + t.nbytes]
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.data_start + t.offset)
+                out = np.fromfile(fh, dtype=np.uint8, count=t.nbytes)
+        except OSError as e:
+            raise CheckpointError(f"cannot read {self.path}: {e.strerror or e}") from None
+        if out.size != t.nbytes:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is truncated (the file shrank after it was parsed)")
+        return out
 
     # typed metadata access: a wrong type is an error naming the key
 
@@ -409,7 +420,7 @@ def dense_tensor(f: GGUFFile, name: str, *, any_type: bool = False) -> np.ndarra
     t = f.tensors[name]
     raw = np.asarray(f.raw(name))
     if t.ggml_type == F32:
-        out = raw.view("<f4").copy()  # out of the memmap
+        out = raw.view("<f4")
     elif t.ggml_type == F16:
         out = raw.view("<f2").astype(np.float32)
     elif t.ggml_type == BF16:
@@ -595,6 +606,15 @@ def load_ternary_gguf(path: str | os.PathLike, *, ptq: bool = False):
     the linears per tensor) instead of being refused: TQ blocks with different d, and tensors of
     other types (Q4_K, ...; dequantized by gguf-py).
     """
+    ck = open_ternary_gguf(path, ptq=ptq)
+    return ck.build_model(), ck.tokenizer, ck.info
+
+
+def open_ternary_gguf(path: str | os.PathLike, *, ptq: bool = False) -> LazyCheckpoint:
+    """load_ternary_gguf's checkpoint with every check made and no tensor kept: the state dict under
+    our names as LazyTensors decoding one tensor each. The TQ tensors are decoded once here too:
+    whether their blocks share one scale decides what they become (an error, or with ptq the
+    dequantized weights named in info["dequantized"])."""
     f = GGUFFile(path)
     p = f.path
     arch, cfg = model_config(f)
@@ -631,58 +651,65 @@ def load_ternary_gguf(path: str | os.PathLike, *, ptq: bool = False):
         elif t.ggml_type not in DENSE_TYPES + TERNARY_TYPES:
             raise CheckpointError(f"{p}: tensor {name} is {t.type_name}; embeddings, output and norms must be "
                                   f"F32/F16/BF16/Q8_0")
+
+    quant = QuantConfig(method="b1.58", keep_high_precision=high_precision)
     tokenizer = gguf_tokenizer(f)
 
-    # Everything is checked: build the model and fill it a tensor at a time (peak: the model + one tensor).
-    model = BitNetModel(cfg, QuantConfig(method="b1.58", keep_high_precision=high_precision))
-    params = model.state_dict()  # shares storage with the model's parameters
-    filled: set[str] = set()
-
-    def put(key: str, value: torch.Tensor) -> None:
-        with torch.no_grad():
-            params[key].copy_(value)
-        filled.add(key)
-
+    state: dict[str, LazyTensor] = {}
     dequantized: list[str] = []
     for name in want:
         t = f.tensors[name]
         if name in linear_weights:
             gname = name.split(".")[2]
             n_head = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}.get(gname) if arch == "llama" else None
-            codes = None
+            ternary = False
             if t.ggml_type in TERNARY_TYPES:
                 try:
-                    codes, scale = tensor_ternary(f, name)
+                    tensor_ternary(f, name)
+                    ternary = True
                 except CheckpointError:
                     if not ptq:
                         raise
                     dequantized.append(name)  # kept as dequantized weights, re-ternarized by the export
-            if codes is None and t.ggml_type not in DENSE_TYPES + TERNARY_TYPES:
+            if not ternary and t.ggml_type not in DENSE_TYPES + TERNARY_TYPES:
                 dequantized.append(name)
-            rows = codes if codes is not None else dense_tensor(f, name, any_type=ptq) * tensor_scale(f, name)
-            rows = torch.from_numpy(_permute_back(rows, n_head) if n_head else rows)
-            if codes is not None:
-                rows = ternary_master_weight(rows, scale) if scale else torch.zeros(rows.shape)
-            put(f"{_our_name(name)}.weight", rows)
-        elif name == "token_embd.weight":
-            put("embed_tokens.weight", torch.from_numpy(dense_tensor(f, name, any_type=ptq)))
-            if cfg.tie_embeddings:
-                filled.add("lm_head.weight")  # the same parameter
-        elif name == "output.weight":
-            put("lm_head.weight", torch.from_numpy(dense_tensor(f, name, any_type=ptq)))
-        elif name == "output_norm.weight":
-            put("norm.weight", torch.from_numpy(dense_tensor(f, name, any_type=ptq)))
+            state[f"{_our_name(name)}.weight"] = LazyTensor(
+                t.shape, torch.float32, functools.partial(_linear_weight, f, name, n_head, ternary, ptq))
         else:
-            _, i, gname, _ = name.split(".")
-            put(f"layers.{i}.{NORM_NAMES[gname]}.weight", torch.from_numpy(dense_tensor(f, name, any_type=ptq)))
-    unfilled = sorted(k for k in params if k not in filled and not k.endswith(".lam"))
-    if unfilled:  # a mapping bug, not a bad file
-        raise AssertionError(f"gguf_import left model tensors unset: {unfilled[:5]}")
-    model.eval()
+            ours = {"token_embd.weight": "embed_tokens.weight", "output.weight": "lm_head.weight",
+                    "output_norm.weight": "norm.weight"}.get(name)
+            if ours is None:
+                _, i, gname, _ = name.split(".")
+                ours = f"layers.{i}.{NORM_NAMES[gname]}.weight"
+            state[ours] = LazyTensor(t.shape, torch.float32,
+                                     functools.partial(_dense_weight, f, name, ptq))
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]  # the same parameter
+    for key, own in meta_model(cfg, quant).state_dict().items():
+        if key.endswith(".lam"):
+            state[key] = LazyTensor.of(torch.ones(own.shape))  # lambda 1, as a fresh model's
     info = {"source": str(p), "architecture": arch, "gguf_version": f.version,
             "sha256": _sha256_file(p), "high_precision": high_precision, "dequantized": dequantized,
             "types": sorted({f.tensors[n].type_name for n in linear_weights})}
-    return model, tokenizer, info
+    return LazyCheckpoint(cfg, quant, state, tokenizer, info, str(p))
+
+
+def _linear_weight(f: GGUFFile, name: str, n_head: int | None, ternary: bool, ptq: bool) -> torch.Tensor:
+    """A linear's fp32 weight in our row order: latent weights that quantize back to its codes and
+    scale (ternary), else its dequantized weights times its .scale factor."""
+    if ternary:
+        codes, scale = tensor_ternary(f, name)
+        rows = codes
+    else:
+        rows = dense_tensor(f, name, any_type=ptq) * tensor_scale(f, name)
+    rows = torch.from_numpy(_permute_back(rows, n_head) if n_head else rows)
+    if ternary:
+        rows = ternary_master_weight(rows, scale) if scale else torch.zeros(rows.shape)
+    return rows
+
+
+def _dense_weight(f: GGUFFile, name: str, ptq: bool) -> torch.Tensor:
+    return torch.from_numpy(dense_tensor(f, name, any_type=ptq))
 
 
 # ---- tokenizer --------------------------------------------------------------------------------

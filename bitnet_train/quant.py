@@ -32,9 +32,14 @@ def weight_quant(w: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch
     Returns (codes, s_w): codes in {-1, 0, 1} (fp32), s_w a 0-dim fp32 tensor; w ~ codes * s_w.
     """
     w = w.float()
-    s_w = w.abs().mean().clamp(min=eps)
+    s_w = weight_scale(w, eps)
     codes = (w / s_w).round().clamp(-1, 1)
     return codes, s_w
+
+
+def weight_scale(w: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """s_w = max(mean|W|, eps) of a whole tensor, 0-dim fp32: weight_quant's scale, without the codes."""
+    return w.float().abs().mean().clamp(min=eps)
 
 
 def ternary_master_weight(codes: torch.Tensor, scale: float, eps: float = EPS) -> torch.Tensor:

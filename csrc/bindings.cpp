@@ -111,7 +111,7 @@ std::string norm_name(NormKind n) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "bitnet_train C++ engine (CPU): i2_b128 ternary kernels and a Llama-style forward with a KV cache";
+  m.doc() = "bitnet_train C++ engine (CPU): i2_b128 / t3_b160 ternary kernels and a Llama-style forward with a KV cache";
   m.def("version", [] { return std::string(BITNET_VERSION); }, "Engine version string.");
   m.def("available_isas", &available_isas, "ISAs compiled in and supported by this CPU, best last.");
   m.def("openmp", &have_openmp, "Whether the engine was built with OpenMP.");
@@ -151,13 +151,16 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "ternary_matmul",
-      [](py::array qweight, float s_w, F32Array x, float eps, const std::string& isa, int threads) {
+      [](py::array qweight, float s_w, F32Array x, float eps, const std::string& isa, int threads,
+         const std::string& packing_name) {
         if (x.ndim() != 2) throw std::invalid_argument("x must be 2-D (rows, in_features)");
+        const Packing packing = parse_packing(packing_name);
         const int64_t rows = x.shape(0), in = x.shape(1);
         const TensorRef w = tensor_ref("qweight", qweight, DType::U8);
-        if (w.shape.size() != 2 || w.shape[1] != i2_row_bytes(in))
-          throw std::invalid_argument("qweight has the wrong shape for in_features " + std::to_string(in) +
-                                      "; expected (out, " + std::to_string(i2_row_bytes(in)) + ")");
+        const int64_t row_bytes = packing_row_bytes(packing, in);
+        if (w.shape.size() != 2 || w.shape[1] != row_bytes)
+          throw std::invalid_argument("qweight has the wrong shape for " + packing_name + " and in_features " +
+                                      std::to_string(in) + "; expected (out, " + std::to_string(row_bytes) + ")");
         if (threads < 1) throw std::invalid_argument("threads must be >= 1");
         const KernelTable& kt = select_kernels(isa);
         const int64_t out = w.shape[0];
@@ -167,12 +170,15 @@ PYBIND11_MODULE(_C, m) {
           QuantBuffer qb;
           qb.resize(rows, in);
           kt.quantize_rows(x.data(), rows, in, in, eps, qb.q(), qb.stride(), qb.scale(), qb.sum());
-          ternary_matmul(kt, static_cast<const uint8_t*>(w.data), out, in, qb.view(), s_w, y.mutable_data(), threads);
+          ternary_matmul(kt, packing, static_cast<const uint8_t*>(w.data), out, in, qb.view(), s_w, y.mutable_data(),
+                         threads);
         }
         return y;
       },
       py::arg("qweight"), py::arg("s_w"), py::arg("x"), py::arg("eps") = 1e-5f, py::arg("isa") = "",
-      py::arg("threads") = 1, "y (rows, out) = BitLinear(x) for i2_b128 codes and scale s_w (quantizes x per row).");
+      py::arg("threads") = 1, py::arg("packing") = "i2_b128",
+      "y (rows, out) = BitLinear(x) for ternary codes packed as `packing` (i2_b128 or t3_b160) and scale s_w "
+      "(quantizes x per row).");
 
   m.def(
       "dense_matmul",
@@ -238,6 +244,10 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("tie_embeddings", &ModelConfig::tie_embeddings)
       .def_readwrite("qkv_bias", &ModelConfig::qkv_bias)
       .def_readwrite("qk_norm", &ModelConfig::qk_norm)
+      .def_property(
+          "packing", [](const ModelConfig& c) { return std::string(packing_name(c.packing)); },
+          [](ModelConfig& c, const std::string& s) { c.packing = parse_packing(s); },
+          "Layout of the ternary `.qweight` tensors, read in place: 'i2_b128' or 't3_b160'.")
       .def_property(
           "norm", [](const ModelConfig& c) { return norm_name(c.norm); },
           [](ModelConfig& c, const std::string& s) {

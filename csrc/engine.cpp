@@ -64,12 +64,13 @@ class TensorTaker {
   std::set<std::string> used_;
 };
 
-// A ternary weight buffer still to be checked for the invalid code 3 (all are scanned at once,
-// in parallel, once the whole model is loaded).
+// A ternary weight buffer still to be checked for invalid bytes (the i2_b128 code 3, the 13 bytes
+// that are no t3_b160 encoding): all are scanned at once, in parallel, once the whole model is loaded.
 struct CodeScan {
   std::string name;
   const uint8_t* data;
   int64_t bytes;
+  Packing packing;
 };
 
 Linear load_linear(TensorTaker& t, const ModelConfig& cfg, const std::string& name, int64_t in, int64_t out,
@@ -82,11 +83,13 @@ Linear load_linear(TensorTaker& t, const ModelConfig& cfg, const std::string& na
   if (has_q && has_w) fail("linear '" + name + "' has both '.qweight' (ternary) and '.weight' (dense); expected one");
   if (has_q) {
     lin.ternary = true;
-    lin.n_blocks = i2_blocks_per_row(in);
-    const TensorRef& q = t.take(name + ".qweight", {out, lin.n_blocks * kI2BlockBytes}, false, "i2_b128 ternary codes");
+    lin.packing = cfg.packing;
+    lin.n_blocks = packing_blocks_per_row(cfg.packing, in);
+    const std::string what = std::string(packing_name(cfg.packing)) + " ternary codes";
+    const TensorRef& q = t.take(name + ".qweight", {out, lin.n_blocks * 32}, false, what.c_str());
     if (q.dtype != DType::U8) fail("tensor '" + name + ".qweight' has dtype " + dtype_name(q.dtype) + "; expected u8");
-    lin.qweight = static_cast<const uint8_t*>(q.data);
-    scans.push_back({name, lin.qweight, out * lin.n_blocks * kI2BlockBytes});
+    lin.qweight = static_cast<const uint8_t*>(q.data);  // in place: the file's bytes (a memory map)
+    scans.push_back({name, lin.qweight, out * lin.n_blocks * 32, cfg.packing});
     const TensorRef& s = t.take(name + ".scale", {1}, true, "ternary weight scale s_w");
     float sw;
     dense_row_to_fp32(s.data, s.dtype, 1, 0, &sw);
@@ -121,9 +124,9 @@ void add_bias_rows(float* rows, int64_t m, const std::vector<float>& bias) {
     for (int64_t j = 0; j < n; ++j) rows[i * n + j] += bias[static_cast<size_t>(j)];
 }
 
-// Every ternary buffer scanned for the code 3 in 16 MiB pieces over `threads` threads (a 70B file
-// holds 17 GB of codes: one thread reading them from the page cache takes ~10 s). Throws for the
-// first bad byte in model order, as a sequential scan would.
+// Every ternary buffer scanned for invalid bytes in 16 MiB pieces over `threads` threads (a 70B
+// file holds 17 GB of codes: one thread reading them from the page cache takes ~10 s). Throws for
+// the first bad byte in model order, as a sequential scan would.
 void check_codes(const std::vector<CodeScan>& scans, int threads) {
   constexpr int64_t kPiece = int64_t{16} << 20;
   struct Piece {
@@ -136,13 +139,19 @@ void check_codes(const std::vector<CodeScan>& scans, int threads) {
   std::vector<int64_t> found(pieces.size(), -1);
   parallel_for(static_cast<int64_t>(pieces.size()), threads, [&](int64_t p) {
     const Piece& pc = pieces[static_cast<size_t>(p)];
-    const int64_t at = find_invalid_i2_byte(scans[pc.scan].data + pc.begin, pc.end - pc.begin);
+    const CodeScan& sc = scans[pc.scan];
+    const int64_t at = find_invalid_byte(sc.packing, sc.data + pc.begin, pc.end - pc.begin);
     if (at >= 0) found[static_cast<size_t>(p)] = pc.begin + at;
   });
-  for (size_t p = 0; p < pieces.size(); ++p)
-    if (found[p] >= 0)
-      fail("tensor '" + scans[pieces[p].scan].name + ".qweight' holds the invalid 2-bit code 3 at byte " +
-           std::to_string(found[p]) + "; i2_b128 codes are 0, 1, 2 (c + 1)");
+  for (size_t p = 0; p < pieces.size(); ++p) {
+    if (found[p] < 0) continue;
+    const CodeScan& sc = scans[pieces[p].scan];
+    if (sc.packing == Packing::T3B160)
+      fail("tensor '" + sc.name + ".qweight' holds the invalid t3_b160 byte " + std::to_string(sc.data[found[p]]) +
+           " at byte " + std::to_string(found[p]) + "; t3_b160 bytes are ceil(256 v / 243) for v = 0 .. 242");
+    fail("tensor '" + sc.name + ".qweight' holds the invalid 2-bit code 3 at byte " + std::to_string(found[p]) +
+         "; i2_b128 codes are 0, 1, 2 (c + 1)");
+  }
 }
 
 }  // namespace
@@ -330,7 +339,7 @@ Linear Model::lm_head_linear() const {
 
 int64_t Model::weight_bytes_per_token() const {
   auto lin_bytes = [](const Linear& l) {
-    if (l.ternary) return l.out * l.n_blocks * kI2BlockBytes + 4;
+    if (l.ternary) return l.out * l.n_blocks * 32 + 4;
     if (l.q8) return l.out * (l.in + 4);
     return l.out * l.in * dtype_size(l.dense_dtype);
   };
@@ -393,7 +402,8 @@ void Model::run_linears(std::vector<MatJob>& jobs, int64_t m) const {
     const Task& t = tasks[static_cast<size_t>(ti)];
     const Linear& l = *t.job->lin;
     if (l.ternary)
-      kt.ternary_rows(l.qweight, l.n_blocks, t.r0, t.r1, *t.job->xq, l.s_w, t.job->y, l.out);
+      (l.packing == Packing::T3B160 ? kt.ternary_rows_t3 : kt.ternary_rows)(l.qweight, l.n_blocks, t.r0, t.r1,
+                                                                            *t.job->xq, l.s_w, t.job->y, l.out);
     else if (l.q8)
       kt.int8_rows(l.q8, l.q8_scale, l.in, t.r0, t.r1, t.job->x, m, l.in, t.job->y, l.out);
     else

@@ -2,7 +2,8 @@
 //
 // The model never owns ternary or dense matrix data: it keeps pointers into buffers that the
 // caller (the Python loader: numpy arrays, usually memory-mapped from the .bitnet file) keeps
-// alive for the model's lifetime. Ternary weights are read in place in the i2_b128 layout.
+// alive for the model's lifetime. Ternary weights are read in place, in the i2_b128 (2-bit) or
+// t3_b160 (1.6-bit) layout that ModelConfig::packing names: no second copy of them is made.
 // Norm weights (small vectors) are converted to fp32 copies at load. Dense matrices (embeddings,
 // lm_head, hybrid-precision linears) stay fp16/bf16/fp32 and are converted per use in the kernels.
 //
@@ -38,6 +39,7 @@ struct ModelConfig {
   float rope_theta = 10000.0f;
   float rms_norm_eps = 1e-6f;
   float act_eps = 1e-5f;  // activation quantization: s_x = 127 / max(max|x|, act_eps)
+  Packing packing = Packing::I2B128;  // layout of every ternary `.qweight` (the file's quant.packing)
   bool tie_embeddings = false;
   NormKind norm = NormKind::SubLN;
   FfnKind ffn = FfnKind::SwiGLU;
@@ -58,8 +60,9 @@ struct Linear {
   std::string name;
   int64_t in = 0, out = 0;
   bool ternary = false;
-  // ternary: i2_b128 codes (out, n_blocks * 32 bytes) and the per-tensor scale (W ~ c * s_w)
+  // ternary: codes (out, n_blocks * 32 bytes) in `packing` and the per-tensor scale (W ~ c * s_w)
   const uint8_t* qweight = nullptr;
+  Packing packing = Packing::I2B128;
   int64_t n_blocks = 0;
   float s_w = 0.0f;
   // hybrid precision: dense (out, in)

@@ -18,7 +18,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import BitNetError
 
-PACKING_OF = {"2bit": "i2_b128", "1.6bit": "t3_b5"}
+PACKING_OF = {"2bit": "i2_b128", "1.6bit": "t3_b160"}
 DTYPE_OF = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
 PROGRESS_MIN_BYTES = 64 << 20  # show progress bars from this much output on
 
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file (bitnet, gguf) or directory (hf)")
     p.add_argument("--format", choices=("bitnet", "gguf", "hf"), default="bitnet")
     p.add_argument("--packing", choices=tuple(PACKING_OF), default="2bit",
-                   help="ternary packing: 2bit (i2_b128 / GGUF TQ2_0) or 1.6bit (t3_b5 / GGUF TQ1_0)")
+                   help="ternary packing: 2bit (i2_b128 / GGUF TQ2_0) or 1.6bit (t3_b160 / GGUF TQ1_0)")
     p.add_argument("--ptq", action="store_true",
                    help="ternarize post-training: allows models trained without quantization or with lambda < 1")
     p.add_argument("--dtype", choices=tuple(DTYPE_OF), help="dtype of embeddings, norms, lm_head, "
@@ -46,8 +46,10 @@ def export(args: argparse.Namespace) -> "ExportSummary":
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .from_model import model_arrays
-    from .sources import load_source, read_tokenizer_dir
+    from .from_model import QuantizedTensors
+    from .model_tensors import dense_names, ternary_names
+    from .schema import linear_shapes
+    from .sources import open_source, read_tokenizer_dir
     from .summary import make_summary, print_summary
 
     console = Console(stderr=True)
@@ -59,7 +61,7 @@ def export(args: argparse.Namespace) -> "ExportSummary":
                           f"--format {args.format} writes a {'directory' if args.format == 'hf' else 'file'}")
     if args.format == "hf" and packing != "i2_b128":
         raise BitNetError("--format hf has only transformers' 2-bit layout; drop --packing 1.6bit")
-    src = load_source(args.source, ptq=args.ptq)
+    src = open_source(args.source, ptq=args.ptq)
     tok_json, tok_cfg = src.tokenizer_json, src.tokenizer_config
     if args.tokenizer:
         tok_json, tok_cfg = read_tokenizer_dir(Path(args.tokenizer))
@@ -73,11 +75,14 @@ def export(args: argparse.Namespace) -> "ExportSummary":
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "ptq": bool(args.ptq),
     }
-    arrays = model_arrays(src.model, ptq=args.ptq, tokenizer_json=tok_json, tokenizer_config=tok_cfg,
-                          provenance=provenance)
-    del src
+    # nothing is read yet: each writer reads, quantizes and writes one tensor at a time
+    tensors = QuantizedTensors.of_checkpoint(src.checkpoint.config, src.checkpoint.quant, src.checkpoint.state,
+                                             ptq=args.ptq, tokenizer_json=tok_json, tokenizer_config=tok_cfg,
+                                             provenance=provenance)
     notes = [] if tok_json else ["no tokenizer.json found: the file has no tokenizer (pass --tokenizer DIR)"]
-    total = sum(c.size // 4 for c, _ in arrays.ternary.values()) + sum(2 * x.size for x in arrays.dense.values())
+    shapes = linear_shapes(tensors.config)
+    total = (sum(math.prod(shapes[n]) // 4 for n in ternary_names(tensors))
+             + sum(2 * math.prod(s) for s in dense_names(tensors).values()))
     show = not args.quiet and total >= PROGRESS_MIN_BYTES
     with Progress(TextColumn("writing"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                   console=console, disable=not show, transient=True) as bar:
@@ -88,20 +93,21 @@ def export(args: argparse.Namespace) -> "ExportSummary":
             from .packing import packed_shape
             from .writer import write_bitnet
 
-            write_bitnet(out, arrays, packing=packing, dense_dtype=dtype, progress=advance)
-            ternary_bytes = sum(math.prod(packed_shape(*c.shape, packing)) for c, _ in arrays.ternary.values())
+            write_bitnet(out, tensors, packing=packing, dense_dtype=dtype, progress=advance)
+            ternary_bytes = sum(math.prod(packed_shape(*shapes[n], packing)) for n in ternary_names(tensors))
         elif args.format == "gguf":
             from .gguf_writer import write_gguf
 
-            ternary_bytes, fallbacks, more = write_gguf(out, arrays, packing=packing, dense_dtype=dtype, progress=advance)
+            ternary_bytes, fallbacks, more = write_gguf(out, tensors, packing=packing, dense_dtype=dtype,
+                                                        progress=advance)
             notes += more
         else:
             from .hf_writer import write_hf
 
-            ternary_bytes, more = write_hf(out, arrays, dense_dtype=dtype)
+            ternary_bytes, more = write_hf(out, tensors, dense_dtype=dtype)
             notes += more
-    label = {"bitnet": packing, "gguf": {"i2_b128": "TQ2_0", "t3_b5": "TQ1_0"}[packing], "hf": "hf_2bit_rows"}
-    summary = make_summary(arrays, out, args.format, label[args.format], dtype,
+    label = {"bitnet": packing, "gguf": {"i2_b128": "TQ2_0", "t3_b160": "TQ1_0"}[packing], "hf": "hf_2bit_rows"}
+    summary = make_summary(tensors, out, args.format, label[args.format], dtype,
                            ternary_bytes, fallbacks, notes)
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))

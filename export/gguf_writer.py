@@ -20,6 +20,7 @@ s_w/127 in fp16) or, if not a multiple of 32 either, to F16 (codes * s_w); the s
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -28,8 +29,8 @@ from typing import Callable
 import numpy as np
 
 from .atomic import atomic_file
-from .schema import FormatError, linear_shapes
-from .writer import ModelArrays, f32_to_bf16_bits
+from .model_tensors import ModelTensors
+from .schema import DTYPE_ITEMSIZE, TERNARY, FormatError, dense_shapes, linear_shapes
 
 QK_K = 256  # TQ1_0 / TQ2_0 block: codes along a row
 Q8_BLOCK = 32  # Q8_0 block, the fallback
@@ -101,7 +102,7 @@ def _token_id(tok, lookup: dict[str, int]) -> int | None:
     return lookup.get(tok) if isinstance(tok, str) else None
 
 
-def add_tokenizer(w, arrays: ModelArrays, notes: list[str]) -> None:
+def add_tokenizer(w, arrays: ModelTensors, notes: list[str]) -> None:
     import gguf
 
     if not arrays.tokenizer_json:
@@ -153,25 +154,75 @@ def add_tokenizer(w, arrays: ModelArrays, notes: list[str]) -> None:
         w.add_chat_template(tc["chat_template"])
 
 
+QUANT_CHUNK = 1 << 20  # weights per slice of rows quantized at once (TQ / Q8_0 blocks run along rows)
+
+
 def write_gguf(
     path: str | os.PathLike,
-    arrays: ModelArrays,
+    arrays: ModelTensors,
     packing: str = "i2_b128",
     dense_dtype: str = "F16",
     progress: Callable[[int], None] | None = None,
 ) -> tuple[int, dict[str, str], list[str]]:
-    """Write a GGUF. -> (bytes of ternary tensor data, {tensor: fallback reason}, notes)."""
+    """Write a GGUF, one tensor at a time: every tensor info is computed from the shapes first, then
+    each tensor is produced, written and dropped. -> (bytes of ternary tensor data, {tensor:
+    fallback reason}, notes)."""
     import gguf
-    from gguf.quants import quantize
+    from gguf.quants import quant_shape_to_byte_shape
 
     cfg = arrays.config
     arch = gguf_architecture(cfg)
     qtype = gguf.GGMLQuantizationType.TQ2_0 if packing == "i2_b128" else gguf.GGMLQuantizationType.TQ1_0
     ftype = gguf.LlamaFileType.MOSTLY_TQ2_0 if packing == "i2_b128" else gguf.LlamaFileType.MOSTLY_TQ1_0
+    q8 = gguf.GGMLQuantizationType.Q8_0
     dense_type = {"F16": gguf.GGMLQuantizationType.F16, "BF16": gguf.GGMLQuantizationType.BF16,
                   "F32": gguf.GGMLQuantizationType.F32}[dense_dtype]
     notes: list[str] = [f"GGUF architecture {arch!r}, {qtype.name} ternary blocks (fp16 block scale = s_w)"]
     fallbacks: dict[str, str] = {}
+    kinds = arrays.kinds()
+    linears = linear_shapes(cfg)
+
+    def llama_heads(name: str) -> int | None:
+        """Heads whose q/k rows llama.cpp's interleaved RoPE wants permuted (llama arch only)."""
+        if arch == "llama" and name.endswith(("q_proj", "k_proj")):
+            return cfg["num_heads"] if name.endswith("q_proj") else cfg["num_kv_heads"]
+        return None
+
+    # (gguf name, add_tensor_info arguments, produce): the order of the file
+    plan: list[tuple[str, tuple, Callable[[], np.ndarray]]] = []
+    ternary_bytes = 0
+    for name, (n_out, n_in) in linears.items():
+        heads = llama_heads(name)
+        if kinds[name] == TERNARY:
+            if n_in % QK_K == 0:
+                qt = qtype
+            elif n_in % Q8_BLOCK == 0:
+                qt = q8
+                fallbacks[gguf_name(name)] = f"in_features {n_in} is not a multiple of {QK_K}: Q8_0"
+            else:
+                qt = None
+                fallbacks[gguf_name(name)] = f"in_features {n_in} is not a multiple of {Q8_BLOCK}: F16"
+            if qt is None:
+                info = ((n_out, n_in), np.float16, 2 * n_out * n_in, None)
+            else:
+                byte_shape = quant_shape_to_byte_shape((n_out, n_in), qt)
+                info = (byte_shape, np.uint8, int(np.prod(byte_shape)), qt)
+            ternary_bytes += info[2]
+            produce = functools.partial(_ternary_rows, arrays, name, heads, qt, info[0])
+        else:
+            stored = f"{name}.weight"
+            info = ((n_out, n_in), _STORED_NP[dense_dtype], DTYPE_ITEMSIZE[dense_dtype] * n_out * n_in, dense_type)
+            produce = functools.partial(_dense_rows, arrays, stored, heads, dense_dtype)
+        plan.append((gguf_name(name), info, produce))
+    for name, shape in dense_shapes(cfg).items():
+        if len(shape) == 1:
+            info = (shape, np.float32, 4 * shape[0], None)
+            produce = functools.partial(arrays.dense_stored, name, "F32")
+        else:
+            info = (shape, _STORED_NP[dense_dtype], DTYPE_ITEMSIZE[dense_dtype] * int(np.prod(shape)), dense_type)
+            produce = functools.partial(arrays.dense_stored, name, dense_dtype)
+        plan.append((gguf_name(name), info, produce))
+
     path = Path(path)
     with atomic_file(path) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
@@ -194,62 +245,44 @@ def write_gguf(
             notes.append("ffn relu2: written as bitnet.hidden_activation; llama.cpp builds that do not read it "
                          "compute SiLU")
         add_tokenizer(w, arrays, notes)
-
-        ternary_bytes = 0
-        linears = linear_shapes(cfg)
-        for name in linears:
-            if name in arrays.ternary:
-                codes, s_w = arrays.ternary[name]
-                wq = codes.astype(np.float32) * np.float32(s_w)
-            else:
-                wq = None
-            dense_w = arrays.dense.get(f"{name}.weight")
-            for_rows = wq if wq is not None else dense_w
-            if arch == "llama" and name.endswith(("q_proj", "k_proj")):
-                heads = cfg["num_heads"] if name.endswith("q_proj") else cfg["num_kv_heads"]
-                for_rows = permute_rows_for_llama(for_rows, heads)
-            if wq is not None and linears[name][1] % QK_K == 0:
-                data = quantize(for_rows, qtype)
-                w.add_tensor(gguf_name(name), data, raw_dtype=qtype)
-                ternary_bytes += data.nbytes
-            elif wq is not None and linears[name][1] % Q8_BLOCK == 0:
-                fallbacks[gguf_name(name)] = f"in_features {linears[name][1]} is not a multiple of {QK_K}: Q8_0"
-                data = quantize(for_rows, gguf.GGMLQuantizationType.Q8_0)
-                w.add_tensor(gguf_name(name), data, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-                ternary_bytes += data.nbytes
-            elif wq is not None:
-                fallbacks[gguf_name(name)] = f"in_features {linears[name][1]} is not a multiple of {Q8_BLOCK}: F16"
-                data = for_rows.astype(np.float16)
-                w.add_tensor(gguf_name(name), data)
-                ternary_bytes += data.nbytes
-            else:
-                data = _dense(for_rows, dense_type)
-                w.add_tensor(gguf_name(name), data, raw_dtype=dense_type)
-            if progress:
-                progress(data.nbytes)
-        for name, x in arrays.dense.items():
-            if name.endswith(".weight") and name[: -len(".weight")] in linears:
-                continue
-            if x.ndim == 1:
-                data = np.ascontiguousarray(x, dtype=np.float32)
-                w.add_tensor(gguf_name(name), data)
-            else:
-                data = _dense(x, dense_type)
-                w.add_tensor(gguf_name(name), data, raw_dtype=dense_type)
-            if progress:
-                progress(data.nbytes)
+        for gname, (shape, np_dtype, nbytes, raw_dtype), _ in plan:
+            w.add_tensor_info(gname, shape, np.dtype(np_dtype), nbytes, raw_dtype=raw_dtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file(progress=False)
+        w.write_ti_data_to_file()
+        for gname, (shape, np_dtype, nbytes, _), produce in plan:
+            data = produce()
+            if data.dtype != np.dtype(np_dtype) or tuple(data.shape) != tuple(shape):
+                raise FormatError(f"tensor {gname}: produced {data.dtype} {tuple(data.shape)}, "
+                                  f"its tensor info says {np.dtype(np_dtype)} {tuple(shape)}")
+            w.write_tensor_data(data)
+            if progress:
+                progress(data.nbytes)
+            del data
         w.close()
     return ternary_bytes, fallbacks, notes
 
 
-def _dense(x: np.ndarray, qtype) -> np.ndarray:
-    import gguf
+_STORED_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # writer.cast_dense's results
 
-    if qtype == gguf.GGMLQuantizationType.F32:
-        return np.ascontiguousarray(x, dtype=np.float32)
-    if qtype == gguf.GGMLQuantizationType.F16:
-        return np.ascontiguousarray(x, dtype=np.float16)
-    return f32_to_bf16_bits(x)  # BF16 as raw uint16 bits, raw_dtype=BF16
+
+def _ternary_rows(arrays: ModelTensors, name: str, heads: int | None, qtype, out_shape: tuple[int, ...]) -> np.ndarray:
+    """A ternary linear's GGUF data: codes * s_w (rows permuted for llama's RoPE where `heads`),
+    quantized to `qtype` (F16 where None) a slice of rows at a time, the slices' bytes being those
+    of the whole (its blocks never cross a row)."""
+    from gguf.quants import quantize
+
+    codes, s_w = arrays.quantized(name)
+    if heads:
+        codes = permute_rows_for_llama(codes, heads)  # a row permutation: commutes with the scaling
+    out = np.empty(out_shape, dtype=np.uint8 if qtype is not None else np.float16)
+    step = max(1, QUANT_CHUNK // codes.shape[1])
+    for i in range(0, codes.shape[0], step):
+        rows = codes[i:i + step].astype(np.float32) * np.float32(s_w)
+        out[i:i + step] = quantize(rows, qtype) if qtype is not None else rows.astype(np.float16)
+    return out
+
+
+def _dense_rows(arrays: ModelTensors, stored: str, heads: int | None, dense_dtype: str) -> np.ndarray:
+    data = arrays.dense_stored(stored, dense_dtype)
+    return permute_rows_for_llama(data, heads) if heads else data

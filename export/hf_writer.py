@@ -8,7 +8,10 @@
     model.safetensors    ternary linear NAME: `model.NAME.weight` uint8 (out/4, in), codes + 1 packed
                          along rows as transformers' `pack_weights` (stored row r, bits 2i..2i+1 hold
                          row r + i*out/4), and `model.NAME.weight_scale` (1,) float32 = 1 / s_w,
-                         DIVIDED (BitLinear: y = acc / (s_x * weight_scale), microsoft's 2B4T layout)
+                         DIVIDED (BitLinear: y = acc / (s_x * weight_scale), microsoft's 2B4T layout).
+                         Written tensor by tensor (`write_safetensors`): the header is computed from
+                         the shapes first, in safetensors' own layout (the bytes save_file would
+                         write), then each tensor goes to its offset as it is produced.
     tokenizer.json, tokenizer_config.json
 
 Why BitLinear and not offline AutoBitLinear (W = codes * weight_scale, what we wrote before): for
@@ -33,14 +36,17 @@ norm "bitlinear" cannot be combined with hybrid-precision linears. Other models 
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
 from .atomic import atomic_dir
+from .model_tensors import ModelTensors, dense_names, ternary_names
 from .schema import FormatError, linear_shapes
-from .writer import ModelArrays
 
 VALUES_PER_ITEM = 4
 TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
@@ -78,18 +84,19 @@ def hf_family(cfg: dict) -> str:
     return "bitnet" if cfg["norm"] == "subln" else "llama"
 
 
-def hf_config(arrays: ModelArrays, dense_dtype: str) -> dict:
+def hf_config(arrays: ModelTensors, dense_dtype: str) -> dict:
     cfg = arrays.config
     if cfg["norm"] == "subln" and cfg["num_heads"] * cfg["head_dim"] != cfg["hidden_size"]:
         raise FormatError("transformers' BitNet model sizes attn_sub_norm by hidden_size: needs num_heads * head_dim "
                           f"== hidden_size, got {cfg['num_heads']} * {cfg['head_dim']} != {cfg['hidden_size']}")
     linears = linear_shapes(cfg)
-    dense_linears = [n for n in linears if n not in arrays.ternary]
+    ternary = set(ternary_names(arrays))
+    dense_linears = [n for n in linears if n not in ternary]
     if cfg["norm"] == "bitlinear" and dense_linears:
         raise FormatError("transformers applies use_rms_norm to converted linears only: norm 'bitlinear' with "
                           f"high-precision linears ({dense_linears[:3]}) has no HF BitNet layout")
     for name, (n_out, _) in linears.items():
-        if name in arrays.ternary and n_out % VALUES_PER_ITEM:
+        if name in ternary and n_out % VALUES_PER_ITEM:
             raise FormatError(f"{name}: out_features {n_out} is not a multiple of 4 (transformers packs 4 rows per byte)")
     subln = cfg["norm"] == "subln"
     family = hf_family(cfg)
@@ -148,23 +155,81 @@ def hf_name(name: str) -> str:
     return f"model.{name}"
 
 
-def write_hf(path: str | os.PathLike, arrays: ModelArrays, dense_dtype: str = "F16") -> tuple[int, list[str]]:
-    """Write the HF directory (atomically). -> (bytes of packed ternary weights, notes)."""
-    import torch
-    from safetensors.torch import save_file
+# safetensors' serialization order: dtypes of larger alignment first (its Dtype enum, descending), then by name
+_SAFETENSORS_DTYPE_RANK = {"F32": 0, "BF16": 1, "F16": 2, "U8": 3}
+_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "U8": 1}
 
+
+def safetensors_layout(tensors: dict[str, tuple[str, tuple[int, ...]]],
+                       metadata: dict[str, str]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """{name: (dtype, shape)} -> (the 8-byte length + JSON header, {name: (start, end) in the data
+    section}), laid out as safetensors' save_file lays them out (its sort order, space padding to 8)."""
+    order = sorted(tensors, key=lambda n: (_SAFETENSORS_DTYPE_RANK[tensors[n][0]], n))
+    header: dict = {"__metadata__": metadata}
+    spans: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for name in order:
+        dtype, shape = tensors[name]
+        end = offset + _ITEMSIZE[dtype] * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, end]}
+        spans[name] = (offset, end)
+        offset = end
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head, spans
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str],
+                      produce: Callable[[], Iterator[tuple[str, np.ndarray]]]) -> None:
+    """A safetensors file written tensor by tensor: produce() yields (name, array) once per tensor, in
+    any order; each array is written at its offset and dropped. Refuses a wrong shape, size or a
+    tensor yielded twice or never."""
+    head, spans = safetensors_layout(tensors, metadata)
+    written: set[str] = set()
+    with open(path, "wb") as fh:
+        fh.write(head)
+        for name, a in produce():
+            dtype, shape = tensors[name]
+            start, end = spans[name]
+            data = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+            if name in written or tuple(a.shape) != tuple(shape) or data.nbytes != end - start:
+                raise FormatError(f"tensor {name}: got {a.dtype} {tuple(a.shape)} ({data.nbytes} bytes)"
+                                  f"{' twice' if name in written else ''}, the layout has {dtype} {tuple(shape)}")
+            fh.seek(len(head) + start)
+            fh.write(data.data)
+            written.add(name)
+            del a, data
+        missing = sorted(set(tensors) - written)
+        if missing:
+            raise FormatError(f"tensors never produced: {missing[:5]}")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_hf(path: str | os.PathLike, arrays: ModelTensors, dense_dtype: str = "F16") -> tuple[int, list[str]]:
+    """Write the HF directory (atomically), one tensor at a time. -> (bytes of packed ternary weights, notes)."""
     config = hf_config(arrays, dense_dtype)
-    dtype = getattr(torch, TORCH_DTYPES[dense_dtype])
-    state: dict[str, torch.Tensor] = {}
-    ternary_bytes = 0
-    for name, (codes, s_w) in arrays.ternary.items():
-        packed = pack_hf_rows(codes)
-        state[f"model.{name}.weight"] = torch.from_numpy(packed)
-        # float64 reciprocal, stored float32 whatever dense_dtype (transformers casts it at load)
-        state[f"model.{name}.weight_scale"] = torch.tensor([1.0 / s_w], dtype=torch.float64).float()
-        ternary_bytes += packed.nbytes
-    for name, x in arrays.dense.items():
-        state[hf_name(name)] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dtype)
+    ternary = ternary_names(arrays)
+    linears = linear_shapes(arrays.config)
+    layout: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name in ternary:
+        n_out, n_in = linears[name]
+        layout[f"model.{name}.weight"] = ("U8", (n_out // VALUES_PER_ITEM, n_in))
+        layout[f"model.{name}.weight_scale"] = ("F32", (1,))
+    dense = dense_names(arrays)
+    layout.update({hf_name(n): (dense_dtype, shape) for n, shape in dense.items()})
+    ternary_bytes = sum(math.prod(layout[f"model.{n}.weight"][1]) for n in ternary)
+
+    def produce() -> Iterator[tuple[str, np.ndarray]]:
+        for name in ternary:
+            codes, s_w = arrays.quantized(name)
+            yield f"model.{name}.weight", pack_hf_rows(codes)
+            del codes
+            # float64 reciprocal, stored float32 whatever dense_dtype (transformers casts it at load)
+            yield f"model.{name}.weight_scale", np.array([1.0 / s_w], dtype=np.float64).astype("<f4")
+        for name in dense:
+            yield hf_name(name), arrays.dense_stored(name, dense_dtype)
+
     notes = ["transformers' BitNet integration: weight_scale = 1 / s_w is divided (BitLinear, linear_class "
              "bitlinear); weight_scale stored in float32"]
     if dense_dtype == "F16" and arrays.config["norm"] == "none":
@@ -174,7 +239,7 @@ def write_hf(path: str | os.PathLike, arrays: ModelArrays, dense_dtype: str = "F
     if abs(arrays.eps - 1e-5) > 1e-12:
         notes.append(f"quant eps {arrays.eps} differs from transformers' fixed 1e-5 activation clamp")
     with atomic_dir(path) as tmp:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(tmp / "model.safetensors", layout, {"format": "pt"}, produce)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if arrays.tokenizer_json:
             (tmp / "tokenizer.json").write_text(arrays.tokenizer_json, encoding="utf-8")

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import packing as packing_mod
 from .schema import (
-    DENSE, DENSE_DTYPES, DTYPE_ITEMSIZE, FORMAT_NAME, FORMAT_VERSION, MAX_HEADER_BYTES, METADATA_KEYS,
+    DENSE, DENSE_DTYPES, DTYPE_ITEMSIZE, FORMAT_NAME, MAX_HEADER_BYTES, METADATA_KEYS, READ_VERSIONS,
     TERNARY, FormatError, loads_strict, logical_tensor_count, logical_tensors, linear_shapes, metadata_crc32,
     stored_tensors,
     validate_config, validate_quant,
@@ -128,15 +128,16 @@ class BitNetFile:
             raise FormatError(f"{p}: __metadata__ must map strings to strings")
         if md.get("format") != FORMAT_NAME:
             raise FormatError(f"{p}: metadata 'format' is {md.get('format')!r}, expected {FORMAT_NAME!r}")
-        if md.get("format_version") != str(FORMAT_VERSION):
+        if md.get("format_version") not in [str(v) for v in READ_VERSIONS]:
             raise FormatError(f"{p}: format_version {md.get('format_version')!r} is not supported "
-                              f"(this reader reads version {FORMAT_VERSION})")
+                              f"(this reader reads versions {', '.join(map(str, READ_VERSIONS))})")
+        self.format_version = int(md["format_version"])
         unknown, missing = sorted(set(md) - set(METADATA_KEYS)), sorted(set(METADATA_KEYS) - set(md))
         if unknown or missing:
             raise FormatError(f"{p}: metadata keys missing {missing}, unexpected {unknown}")
         try:
             self.config = validate_config(self._meta_json("config"))
-            self.quant = validate_quant(self._meta_json("quant"))
+            self.quant = validate_quant(self._meta_json("quant"), self.format_version)
         except FormatError as e:
             raise FormatError(f"{p}: {e}") from None
         self.tokenizer_json: str | None = md["tokenizer"] or None

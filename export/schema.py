@@ -1,4 +1,4 @@
-"""What a .bitnet v1 file must contain (FORMAT.md sections 2, 4, 7): names, shapes, metadata schema.
+"""What a .bitnet file must contain (FORMAT.md sections 2, 4, 6, 7): names, shapes, metadata schema.
 
 Shared by the writer (which must never emit anything else) and the reader (which rejects anything
 else). numpy-free and torch-free: plain dicts in, plain dicts out.
@@ -11,10 +11,21 @@ import math
 import zlib
 
 from ..errors import BitNetError
-from .packing import PACKINGS, packed_shape
+from .packing import I2_B128, PACKINGS, T3_B160, packed_shape
 
 FORMAT_NAME = "bitnet"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this code reads and writes (FORMAT.md section 6)
+READ_VERSIONS = (1, 2)
+# Packings by the version that introduced them: version 2 = version 1 + t3_b160.
+PACKING_SINCE = {"i2_b128": 1, "t3_b5": 1, T3_B160: 2}
+# Ternary qweights that begin 32-byte aligned in the data section (read in place), placed first.
+IN_PLACE_PACKINGS = (I2_B128, T3_B160)
+
+
+def format_version_for(packing: str) -> int:
+    """The version a writer stamps: the lowest one that has everything the file uses, so files in
+    the version-1 packings stay readable by version-1 readers."""
+    return PACKING_SINCE[packing]
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 DATA_ALIGN = 64  # the writer pads the header so the data section starts at a multiple of this
 
@@ -66,7 +77,7 @@ def validate_config(cfg) -> dict:
     cfg = {**OPTIONAL_CONFIG_KEYS, **cfg}
     unknown = sorted(set(cfg) - CONFIG_KEYS)
     if unknown:
-        raise FormatError(f"metadata 'config' has keys format v{FORMAT_VERSION} does not define: {unknown}")
+        raise FormatError(f"metadata 'config' has keys the format does not define: {unknown}")
     missing = sorted(CONFIG_KEYS - set(cfg))
     if missing:
         raise FormatError(f"metadata 'config' is missing keys {missing}")
@@ -92,7 +103,8 @@ def validate_config(cfg) -> dict:
     return cfg
 
 
-def validate_quant(quant) -> dict:
+def validate_quant(quant, version: int = FORMAT_VERSION) -> dict:
+    """The `quant` metadata object of a file of format `version`, or FormatError naming the key."""
     if not isinstance(quant, dict):
         raise FormatError("metadata 'quant' must be a JSON object")
     if set(quant) != QUANT_KEYS:
@@ -102,6 +114,9 @@ def validate_quant(quant) -> dict:
             raise FormatError(f"quant.{k} must be {v!r}, got {quant[k]!r}")
     if quant["packing"] not in PACKINGS:
         raise FormatError(f"quant.packing must be one of {PACKINGS}, got {quant['packing']!r}")
+    if PACKING_SINCE[quant["packing"]] > version:
+        raise FormatError(f"quant.packing {quant['packing']!r} needs format_version "
+                          f"{PACKING_SINCE[quant['packing']]}; this file says {version}")
     if not _is_num(quant["eps"]) or quant["eps"] <= 0:
         raise FormatError(f"quant.eps must be a positive number, got {quant['eps']!r}")
     return quant
@@ -178,7 +193,7 @@ def storage_order(stored: dict[str, tuple[str, tuple[int, ...]]], packing: str) 
     def rank(name: str) -> tuple:
         dtype, _ = stored[name]
         if name.endswith(".qweight"):
-            return (0 if packing == "i2_b128" else 3, 0)
+            return (0 if packing in IN_PLACE_PACKINGS else 3, 0)
         if name.endswith(".scale"):
             return (1, 0)
         return (2, -DTYPE_ITEMSIZE[dtype])

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .writer import ModelArrays
+from .model_tensors import ModelTensors, ternary_names
+from .schema import linear_shapes
 
 
 @dataclass
@@ -57,15 +58,18 @@ class ExportSummary:
         }
 
 
-def make_summary(arrays: ModelArrays, output: Path, fmt: str, packing: str, dense_dtype: str, ternary_bytes: int,
+def make_summary(arrays: ModelTensors, output: Path, fmt: str, packing: str, dense_dtype: str, ternary_bytes: int,
                  fallbacks: dict[str, str] | None = None, notes: list[str] | None = None) -> ExportSummary:
+    """After the write: `arrays` has produced every ternary linear, so its scales are known."""
     file_bytes = sum(p.stat().st_size for p in output.rglob("*") if p.is_file()) if output.is_dir() else output.stat().st_size
+    ternary = ternary_names(arrays)
+    shapes = linear_shapes(arrays.config)
     return ExportSummary(
         output=str(output), format=fmt, packing=packing, dense_dtype=dense_dtype,
         parameters=arrays.num_parameters(),
-        ternary_parameters=sum(int(np.prod(c.shape)) for c, _ in arrays.ternary.values()),
+        ternary_parameters=sum(int(np.prod(shapes[n])) for n in ternary),
         ternary_bytes=ternary_bytes, file_bytes=file_bytes,
-        scales={n: s for n, (_, s) in arrays.ternary.items()},
+        scales={n: arrays.scale(n) for n in ternary},
         fallbacks=dict(fallbacks or {}), notes=list(notes or []),
     )
 

@@ -1,5 +1,6 @@
 """Write a .bitnet file (FORMAT.md) from numpy arrays. numpy only: the torch side (`from_model`)
-turns a trained model into `ModelArrays`; the GGUF and HF writers consume the same arrays.
+turns a trained model into `ModelArrays`, or a checkpoint into `QuantizedTensors` that quantizes a
+tensor when asked (both model_tensors.ModelTensors); the GGUF and HF writers consume the same.
 
 The writer refuses anything FORMAT.md does not allow (it validates against `schema`, the same
 rules the reader checks), writes the header and tensors in the documented order and alignment,
@@ -20,9 +21,10 @@ import numpy as np
 
 from . import packing as packing_mod
 from .atomic import atomic_file
+from .model_tensors import ModelTensors
 from .schema import (
-    DATA_ALIGN, DENSE, DTYPE_ITEMSIZE, FORMAT_NAME, FORMAT_VERSION, QUANT_FIXED, TERNARY, FormatError,
-    dense_shapes, linear_shapes, metadata_crc32, storage_order, stored_tensors, validate_config,
+    DATA_ALIGN, DENSE, DTYPE_ITEMSIZE, FORMAT_NAME, QUANT_FIXED, TERNARY, FormatError,
+    dense_shapes, format_version_for, linear_shapes, metadata_crc32, storage_order, stored_tensors, validate_config,
 )
 
 DENSE_DTYPE_NAMES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
@@ -48,6 +50,16 @@ class ModelArrays:
 
     def num_parameters(self) -> int:
         return sum(int(np.prod(s)) for s in {**linear_shapes(self.config), **dense_shapes(self.config)}.values())
+
+    # model_tensors.ModelTensors: what the writers read, one tensor at a time
+    def quantized(self, name: str) -> tuple[np.ndarray, float]:
+        return self.ternary[name]
+
+    def scale(self, name: str) -> float:
+        return self.ternary[name][1]
+
+    def dense_stored(self, name: str, dtype: str) -> np.ndarray:
+        return cast_dense(name, self.dense[name], dtype)
 
 
 def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -102,7 +114,7 @@ def _metadata(cfg: dict, eps: float, kinds: dict[str, str], packing: str, dense_
     }
     md = {
         "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(format_version_for(packing)),
         "config": json.dumps(cfg, sort_keys=True),
         "quant": json.dumps({**QUANT_FIXED, "packing": packing, "eps": float(eps)}, sort_keys=True),
         "tokenizer": tokenizer_json or "",
@@ -192,34 +204,35 @@ def write_tensors(
 
 def write_bitnet(
     path: str | os.PathLike,
-    arrays: ModelArrays,
+    arrays: ModelTensors,
     packing: str = packing_mod.I2_B128,
     dense_dtype: str = "F16",
     progress: Callable[[int], None] | None = None,
 ) -> Path:
-    """Write `arrays` as a .bitnet file at `path` (atomically). progress(n) is called with bytes
-    written. Each tensor is packed or cast as it is written (write_tensors): the file's bytes are
-    never all in memory at once beside `arrays`."""
+    """Write `arrays` (ModelArrays, or any model_tensors.ModelTensors) as a .bitnet file at `path`
+    (atomically). progress(n) is called with bytes written. Each tensor is produced, packed or cast
+    as it is written (write_tensors): the file's bytes are never all in memory at once."""
     _check_options(packing, dense_dtype)
     cfg = validate_config(dict(arrays.config))
-    _check_ternary(cfg, arrays)
     kinds = arrays.kinds()
     want = stored_tensors(cfg, kinds, packing, dense_dtype)
-    have = {f"{n}.{part}" for n in arrays.ternary for part in ("qweight", "scale")} | set(arrays.dense)
-    missing, extra = sorted(set(want) - have), sorted(have - set(want))
-    if missing or extra:
-        raise FormatError(f"tensors do not match the config: missing {missing[:5]}, unexpected {extra[:5]}")
+    if isinstance(arrays, ModelArrays):  # its dicts could disagree with its config; a stream is built from it
+        _check_ternary(cfg, arrays)
+        have = {f"{n}.{part}" for n in arrays.ternary for part in ("qweight", "scale")} | set(arrays.dense)
+        missing, extra = sorted(set(want) - have), sorted(have - set(want))
+        if missing or extra:
+            raise FormatError(f"tensors do not match the config: missing {missing[:5]}, unexpected {extra[:5]}")
 
     def produce(name: str) -> np.ndarray:
         base, _, part = name.rpartition(".")
-        if base in arrays.ternary and part == "qweight":
+        if kinds.get(base) == TERNARY and part == "qweight":
             try:
-                return packing_mod.pack(arrays.ternary[base][0], packing)
+                return packing_mod.pack(arrays.quantized(base)[0], packing)
             except ValueError as e:
                 raise FormatError(f"tensor {base}: {e}") from None
-        if base in arrays.ternary and part == "scale":
-            return np.array([np.float32(arrays.ternary[base][1])], dtype="<f4")
-        return cast_dense(name, arrays.dense[name], dense_dtype)
+        if kinds.get(base) == TERNARY and part == "scale":
+            return np.array([np.float32(arrays.scale(base))], dtype="<f4")
+        return arrays.dense_stored(name, dense_dtype)
 
     return write_tensors(path, cfg, arrays.eps, kinds, produce, packing=packing, dense_dtype=dense_dtype,
                          tokenizer_json=arrays.tokenizer_json, tokenizer_config=arrays.tokenizer_config,

@@ -134,6 +134,18 @@ def _random_tensor(cfg: dict, name: str, seed: int, packing: str = "i2_b128") ->
     if part == "qweight":
         n_out, n_in = _linear_shapes(cfg)[base]
         rows = max(1, CHUNK_VALUES // n_in)
+        if packing == packing_mod.T3_B160:
+            # t3_b160 drawn as its bytes: a uniform base-3 value per byte is five uniform codes
+            # (cpu/t3_b160.h); a partial last block is packed from drawn codes (its padding c = 0)
+            full = n_in // packing_mod.T160_BLOCK
+            out = np.empty(packing_mod.packed_shape(n_out, n_in, packing), np.uint8)
+            for r in range(0, n_out, rows):
+                n = min(rows, n_out - r)
+                out[r:r + n, :full * 32] = packing_mod.T160_ENCODE[rng.integers(0, 243, size=(n, full * 32))]
+                if full * packing_mod.T160_BLOCK < n_in:
+                    tail = rng.integers(-1, 2, size=(n, n_in - full * packing_mod.T160_BLOCK), dtype=np.int8)
+                    out[r:r + n, full * 32:] = packing_mod.pack_t3_b160(tail)
+            return out
         if packing != "i2_b128":
             return np.concatenate([packing_mod.pack(rng.integers(-1, 2, size=(min(rows, n_out - r), n_in), dtype=np.int8),
                                                     packing) for r in range(0, n_out, rows)])

@@ -369,7 +369,8 @@ def add_random_model_args(p):
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tie", action="store_true", help="tie lm_head to the embedding")
-    p.add_argument("--packing", choices=("2bit", "1.6bit"), default="2bit")
+    p.add_argument("--packing", choices=("2bit", "1.6bit"), default="2bit",
+                   help="ternary packing: 2bit (i2_b128) or 1.6bit (t3_b160, read in place)")
 
 
 def cmd_random_model(args) -> None:
@@ -382,7 +383,7 @@ def cmd_random_model(args) -> None:
     if args.max_seq_len < 1:
         raise CLIError(f"--max-seq-len must be >= 1, got {args.max_seq_len}")
     path = write_random_model(args.output, shape, args.max_seq_len, seed=args.seed, tie=args.tie,
-                              packing={"2bit": "i2_b128", "1.6bit": "t3_b5"}[args.packing])
+                              packing={"2bit": "i2_b128", "1.6bit": "t3_b160"}[args.packing])
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, shape {shape_name(shape)}, random ternary weights)")
 
 

@@ -7,8 +7,9 @@
     last = eng.forward([[9], [10]], cache=cache, last_only=True)        # one decode step each
 
 Weights are borrowed, not copied: the C++ model keeps pointers into the numpy arrays (memory maps
-of the file) and this object keeps the arrays alive. Ternary weights are read in place (i2_b128);
-a t3_b5 file is repacked to i2_b128 at load (one copy). Dense matrices stay fp16/bf16/fp32 and are
+of the file) and this object keeps the arrays alive. Ternary weights are read in place: i2_b128
+(2 bits) and t3_b160 (1.6 bits) alike, so a model needs no second copy in RAM; only a version-1
+t3_b5 file is repacked to i2_b128 at load (one copy). Dense matrices stay fp16/bf16/fp32 and are
 converted in the kernels; norm vectors are copied to fp32 at load.
 """
 
@@ -41,7 +42,7 @@ def _dtype_tag(name: str, a: np.ndarray) -> str:
         return "f16"
     if a.dtype == np.uint16 or a.dtype.name == "bfloat16":
         return "bf16"
-    raise ValueError(f"tensor {name!r} has dtype {a.dtype}; expected uint8 (i2_b128 codes), float32, float16 "
+    raise ValueError(f"tensor {name!r} has dtype {a.dtype}; expected uint8 (ternary codes), float32, float16 "
                      f"or uint16 (bfloat16 bits)")
 
 
@@ -74,11 +75,13 @@ def _engine_config(config: Mapping, quant: Mapping | None) -> _C.ModelConfig:
     c.qkv_bias = bool(config.get("qkv_bias", False))
     c.qk_norm = bool(config.get("qk_norm", False))
     c.act_eps = float(quant.get("eps", 1e-5))
+    c.packing = str(quant.get("packing", "i2_b128"))  # i2_b128 | t3_b160 (ValueError for others)
     c.validate()
     return c
 
 
 LM_HEAD_CHOICES = ("fp", "int8")
+IN_PLACE_PACKINGS = ("i2_b128", "t3_b160")  # what the engines read as stored
 KV_CACHE_CHOICES = ("f32", "f16")
 
 
@@ -103,7 +106,8 @@ class Engine:
         kv_cache: str = "f32",
     ):
         """config: the model config dict (bitnet_train.model.ModelConfig fields); tensors: stored names
-        (FORMAT.md section 2) -> arrays, ternary linears as i2_b128 `NAME.qweight` (uint8) + `NAME.scale`;
+        (FORMAT.md section 2) -> arrays, ternary linears as `NAME.qweight` (uint8, packed as
+        quant["packing"]: i2_b128 or t3_b160, both used in place) + `NAME.scale`;
         quant: the file's quant dict (eps, packing). isa: None/"auto" (BITNET_ISA or the best), "scalar",
         "avx2", "avx512". lm_head: "fp" (as stored) or "int8" (per-row int8 made at load: half the
         bytes of fp16 per decoded token, at the perplexity cost measured in bench/README.md).
@@ -123,8 +127,9 @@ class Engine:
         Ternary codes are used in place (they must be C-contiguous); other arrays are copied only
         when they are not contiguous."""
         packing = (quant or {}).get("packing", "i2_b128")
-        if packing != "i2_b128":
-            raise ValueError(f"tensors must be packed i2_b128, got {packing!r} ({type(self).__name__}.load repacks t3_b5 files)")
+        if packing not in IN_PLACE_PACKINGS:
+            raise ValueError(f"tensors must be packed {' or '.join(IN_PLACE_PACKINGS)}, got {packing!r} "
+                             f"({type(self).__name__}.load repacks t3_b5 files)")
         self.config = dict(config)
         self.quant = dict(quant or {})
         entries = []
@@ -150,9 +155,9 @@ class Engine:
         f = open_model(Path(path), verify_checksums=verify_checksums)
         quant = dict(f.quant)
         tensors = {}
-        if quant["packing"] == "i2_b128":
+        if quant["packing"] in IN_PLACE_PACKINGS:  # the memory map's bytes, no copy
             tensors = {n: f.tensor(n) for n in f.names}
-        else:  # t3_b5 (1.6 bits) -> i2_b128 at load
+        else:  # t3_b5 (format version 1, 1.6 bits) -> i2_b128 at load: a second copy of the codes
             for n in f.names:
                 tensors[n] = f.tensor(n)
             for name in f.ternary_layers():

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cpu/i2_b128.h"
+#include "cpu/t3_b160.h"
 
 namespace bitnet {
 
@@ -20,8 +21,19 @@ enum class DType : int { F32 = 0, F16 = 1, BF16 = 2, U8 = 3 };
 const char* dtype_name(DType dt);
 int64_t dtype_size(DType dt);
 
+// How ternary codes are laid out in memory (both read in place): i2_b128 (cpu/i2_b128.h, 2 bits)
+// or t3_b160 (cpu/t3_b160.h, 1.6 bits). Both have 32-byte blocks; the blocks per row differ.
+enum class Packing : int { I2B128 = 0, T3B160 = 1 };
+const char* packing_name(Packing p);               // "i2_b128" | "t3_b160"
+Packing parse_packing(const std::string& name);    // throws std::invalid_argument naming the choices
+inline int64_t packing_blocks_per_row(Packing p, int64_t in) {
+  return p == Packing::T3B160 ? t3_blocks_per_row(in) : i2_blocks_per_row(in);
+}
+inline int64_t packing_row_bytes(Packing p, int64_t in) { return packing_blocks_per_row(p, in) * 32; }
+
 // m activation rows quantized to int8. Row i: codes q[i*stride .. i*stride + n_pad), zero past n
-// (n_pad = n rounded up to 128), scale s_x[i], and sum[i] = sum of its codes.
+// (n_pad = act_padded(n): n rounded up to 128 and to 160, so that both packings' kernels read whole
+// blocks), scale s_x[i], and sum[i] = sum of its codes.
 struct QuantRows {
   const int8_t* q = nullptr;
   int64_t stride = 0;
@@ -29,6 +41,11 @@ struct QuantRows {
   const int32_t* sum = nullptr;
   int64_t m = 0;
 };
+
+inline int64_t act_padded(int64_t n) {
+  const int64_t i2 = i2_blocks_per_row(n) * kI2BlockCodes, t3 = t3_blocks_per_row(n) * kT3BlockCodes;
+  return i2 > t3 ? i2 : t3;
+}
 
 // Owning buffer for QuantRows (64-byte aligned codes).
 class QuantBuffer {
@@ -52,14 +69,17 @@ class QuantBuffer {
 
 struct KernelTable {
   const char* name;
-  // x: m rows of n floats (row stride x_stride) -> codes (row stride q_stride, zero-padded to a
-  // multiple of 128), s_x and code sums.
+  // x: m rows of n floats (row stride x_stride) -> codes (row stride q_stride, zeros from n up to
+  // q_stride), s_x and code sums.
   void (*quantize_rows)(const float* x, int64_t m, int64_t n, int64_t x_stride, float eps, int8_t* q,
                         int64_t q_stride, float* s_x, int32_t* sum);
   // w: i2_b128 matrix with n_blocks blocks per row. For r in [r0, r1), i in [0, x.m):
   //   y[i*y_stride + r] = float(sum_k c[r,k] * xq[i,k]) * (s_w / s_x[i])
   void (*ternary_rows)(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t r1, const QuantRows& x,
                        float s_w, float* y, int64_t y_stride);
+  // The same for a t3_b160 matrix (n_blocks blocks of 160 codes per row; x padded to n_blocks * 160).
+  void (*ternary_rows_t3)(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t r1, const QuantRows& x,
+                          float s_w, float* y, int64_t y_stride);
   // w: dense (rows, n) matrix of dtype dt (f32/f16/bf16, any alignment). For r in [r0, r1), i < m:
   //   y[i*y_stride + r] = sum_k w[r,k] * x[i*x_stride + k]      (fp32 accumulation)
   void (*dense_rows)(const void* w, DType dt, int64_t n, int64_t r0, int64_t r1, const float* x, int64_t m,
@@ -116,6 +136,15 @@ const KernelTable& select_kernels(const std::string& isa);
 
 // Scan i2_b128 data for the invalid code q = 3; returns the index of the first bad byte or -1.
 int64_t find_invalid_i2_byte(const uint8_t* data, int64_t n_bytes);
+// Scan t3_b160 data for the 13 bytes that are no encoding (t3_byte_valid); first bad index or -1.
+int64_t find_invalid_t3_byte(const uint8_t* data, int64_t n_bytes);
+// Either scan, by packing.
+inline int64_t find_invalid_byte(Packing p, const uint8_t* data, int64_t n_bytes) {
+  return p == Packing::T3B160 ? find_invalid_t3_byte(data, n_bytes) : find_invalid_i2_byte(data, n_bytes);
+}
+// rows x in codes: t3_b160 (rows, t3_row_bytes(in)) -> i2_b128 (rows, i2_row_bytes(in)), the same
+// codes (the CUDA engine's upload; tests). Padding codes stay c = 0.
+void repack_t3_b160_to_i2_b128(const uint8_t* t3, int64_t rows, int64_t in, uint8_t* i2);
 
 // fp16 / bf16 bit patterns -> fp32 (portable, used by the scalar paths and at load).
 float fp16_to_fp32(uint16_t h);

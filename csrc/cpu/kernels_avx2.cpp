@@ -145,6 +145,78 @@ void ternary_rows_avx2(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t r
   }
 }
 
+// t3_b160 (cpu/t3_b160.h): trit k of a block's 32 bytes is q_k = (u_k > 85) + (u_k > 170) with
+// u_{k+1} = 3 u_k mod 256. AVX2 has signed byte compares only, so the bytes are kept offset by 128
+// (u ^ 0x80 read as int8 = u - 128): the offset commutes with the chain (3 (u + 128) = 3u + 128
+// mod 256), and u > 85, u > 170 become s > -43, s > 42. The compares give -1 for true, so
+// q = (0 - m1) - m2. Products q * x go through maddubs as for i2_b128; each block adds at most
+// 5 * 512 = 2560 to an int16 lane: flushed to int32 every 12 blocks (30720 < 32767).
+constexpr int64_t kT3FlushBlocks = 12;
+
+template <int R, int A>
+inline void ternary_t3_tile(const uint8_t* w, int64_t n_blocks, int64_t r, const QuantRows& x, int64_t i0,
+                            float s_w, float* y, int64_t y_stride) {
+  const __m256i offset = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m256i lo = _mm256_set1_epi8(-43), hi = _mm256_set1_epi8(42);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const uint8_t* rows[R];
+  for (int j = 0; j < R; ++j) rows[j] = w + (r + j) * n_blocks * kT3BlockBytes;
+  const int8_t* xq[A];
+  for (int a = 0; a < A; ++a) xq[a] = x.q + (i0 + a) * x.stride;
+  __m256i acc32[R][A];
+  for (int j = 0; j < R; ++j)
+    for (int a = 0; a < A; ++a) acc32[j][a] = _mm256_setzero_si256();
+  for (int64_t g0 = 0; g0 < n_blocks; g0 += kT3FlushBlocks) {
+    const int64_t g1 = std::min(n_blocks, g0 + kT3FlushBlocks);
+    __m256i acc[R][A];
+    for (int j = 0; j < R; ++j)
+      for (int a = 0; a < A; ++a) acc[j][a] = _mm256_setzero_si256();
+    for (int64_t b = g0; b < g1; ++b) {
+      __m256i s[R];  // u_k - 128 as int8
+      for (int j = 0; j < R; ++j)
+        s[j] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[j] + b * kT3BlockBytes)), offset);
+#pragma GCC unroll 5
+      for (int k = 0; k < kT3TritsPerByte; ++k) {  // elements 32k .. 32k+31 of the block
+        __m256i q[R];
+        for (int j = 0; j < R; ++j) {
+          const __m256i m1 = _mm256_cmpgt_epi8(s[j], lo), m2 = _mm256_cmpgt_epi8(s[j], hi);
+          q[j] = _mm256_sub_epi8(_mm256_sub_epi8(_mm256_setzero_si256(), m1), m2);
+          if (k + 1 < kT3TritsPerByte) s[j] = _mm256_add_epi8(s[j], _mm256_add_epi8(s[j], s[j]));
+        }
+        for (int a = 0; a < A; ++a) {
+          const __m256i xv =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[a] + b * kT3BlockCodes + 32 * k));
+          for (int j = 0; j < R; ++j) acc[j][a] = _mm256_add_epi16(acc[j][a], _mm256_maddubs_epi16(q[j], xv));
+        }
+      }
+    }
+    for (int j = 0; j < R; ++j)
+      for (int a = 0; a < A; ++a) acc32[j][a] = _mm256_add_epi32(acc32[j][a], _mm256_madd_epi16(acc[j][a], ones));
+  }
+  for (int j = 0; j < R; ++j)
+    for (int a = 0; a < A; ++a) {
+      const int32_t dot = hsum_epi32(acc32[j][a]) - x.sum[i0 + a];
+      y[(i0 + a) * y_stride + r + j] = static_cast<float>(dot) * (s_w / x.scale[i0 + a]);
+    }
+}
+
+// The loop order of ternary_rows_avx2, on t3_b160 tiles.
+void ternary_rows_t3_avx2(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t r1, const QuantRows& x,
+                          float s_w, float* y, int64_t y_stride) {
+  constexpr int64_t kRowBlock = 32;
+  for (int64_t b0 = r0; b0 < r1; b0 += kRowBlock) {
+    const int64_t b1 = std::min(r1, b0 + kRowBlock);
+    int64_t i = 0;
+    for (; i + 4 <= x.m; i += 4)
+      for (int64_t r = b0; r < b1; ++r) ternary_t3_tile<1, 4>(w, n_blocks, r, x, i, s_w, y, y_stride);
+    for (; i < x.m; ++i) {
+      int64_t r = b0;
+      for (; r + 2 <= b1; r += 2) ternary_t3_tile<2, 1>(w, n_blocks, r, x, i, s_w, y, y_stride);
+      if (r < b1) ternary_t3_tile<1, 1>(w, n_blocks, r, x, i, s_w, y, y_stride);
+    }
+  }
+}
+
 // Not a stored dtype: the int8 lm_head codes (int8_rows), loaded through the dense tiles below.
 constexpr DType kI8Codes = static_cast<DType>(100);
 
@@ -314,7 +386,7 @@ void int8_rows_avx2(const int8_t* w, const float* w_scale, int64_t n, int64_t r0
     for (int64_t r = r0; r < r1; ++r) y[i * y_stride + r] *= w_scale[r];
 }
 
-const KernelTable kAvx2Kernels = {"avx2", quantize_rows_avx2, ternary_rows_avx2, dense_rows_avx2,
+const KernelTable kAvx2Kernels = {"avx2", quantize_rows_avx2, ternary_rows_avx2, ternary_rows_t3_avx2, dense_rows_avx2,
                                   attend_avx2<float>, attend_avx2<uint16_t>, int8_rows_avx2};
 
 }  // namespace bitnet

@@ -6,6 +6,16 @@
 // with 32 contiguous activations. _mm512_dpbusd_epi32(acc, q_u8, x_i8) then sums q*x in int32;
 // sum(c*x) = sum(q*x) - sum(x) with q = c + 1.
 //
+// t3_b160 (cpu/t3_b160.h): two adjacent blocks are one 64-byte load; multiplying its bytes by 3
+// (u + u + u, wrapping) steps both halves to the next digit, so one zmm holds digit k of 32
+// elements of block b and 32 of block b + 1, lined up with the activations of those elements
+// (two 32-byte pieces 160 bytes apart, inserted). Decode rows (one weight row against 1..4
+// activation rows) use 3 u_k = 256 q_k + u_{k+1}: with A = sum u_k x, B = sum u_{k+1} x (both
+// vpdpbusd on the raw bytes), sum q x = (3A - B) / 256 per lane, exactly, and no digit is ever
+// extracted: 2 byte adds + 2 vpdpbusd per 64 codes. Tiles (4 activation rows) extract the digits
+// once per weight row, q = (u > 85) + (u > 170) by two byte compares into masks, and share them
+// over the activation rows with one vpdpbusd each.
+//
 // BITNET_AVX512_EMULATE (C++ test build only): the same code on SIMDe's portable AVX-512, so the
 // logic is tested against the scalar reference on CPUs without AVX-512.
 #ifdef BITNET_AVX512_EMULATE
@@ -21,6 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu/kernels.h"
 #include "cpu/row_blocks.h"
@@ -186,6 +197,186 @@ void ternary_rows_avx512(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t
   }
 }
 
+// ---- t3_b160 ----
+
+inline __m512i times3(__m512i u) { return _mm512_add_epi8(u, _mm512_add_epi8(u, u)); }
+
+// acc += vpdpbusd(u, x), in place. With many accumulators live, GCC 12 copies each one to a fresh
+// register and back around the intrinsic (measured: a quarter of the decode kernel's speed); the
+// asm form keeps it in place. The emulated build (SIMDe) uses the intrinsic.
+inline __m512i dpbusd(__m512i acc, __m512i u, __m512i x) {
+#ifdef BITNET_AVX512_EMULATE
+  return _mm512_dpbusd_epi32(acc, u, x);
+#else
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(x));
+  return acc;
+#endif
+}
+
+// Weight bytes of blocks b and b + 1 of a row (PAIR), or of the last block b alone with zeros
+// above (a zero byte has digits 0 and times3 keeps it 0, so the upper half adds nothing).
+template <bool PAIR>
+inline __m512i t3_weights(const uint8_t* row, int64_t b) {
+  if constexpr (PAIR) return _mm512_loadu_si512(row + b * kT3BlockBytes);
+  return _mm512_inserti64x4(_mm512_setzero_si512(),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kT3BlockBytes)), 0);
+}
+// Activations of digit k of blocks b and b + 1 (PAIR), or of block b alone with zeros above (the
+// activation row ends at block b: nothing past it is read).
+template <bool PAIR>
+inline __m512i t3_acts(const int8_t* xq, int64_t b, int k) {
+  const int8_t* p = xq + b * kT3BlockCodes + 32 * k;
+  const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  if constexpr (PAIR)
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo),
+                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kT3BlockCodes)), 1);
+  return _mm512_inserti64x4(_mm512_setzero_si512(), lo, 0);
+}
+
+// (3A - B) / 256 per lane (exact: see the top of this file), added into total.
+inline __m512i t3_fold(__m512i total, __m512i a, __m512i b) {
+  return _mm512_add_epi32(total, _mm512_srai_epi32(_mm512_sub_epi32(_mm512_add_epi32(a, _mm512_add_epi32(a, a)), b), 8));
+}
+
+// Pair steps between folds of A and B into the total, so that no int32 sum wraps: per lane and
+// step, A (both chains) and B grow by at most 5 * 4 * 255 * 128 = 652800; over 256 steps 1.7e8,
+// and 3A - B stays below 6.7e8.
+constexpr int64_t kT3FoldPairs = 256;
+
+// One weight row against NA activation rows: the A/B decode. CH accumulator chains per row and
+// kind (digit k feeds chain k % CH): with fewer, vpdpbusd's latency bounds the loop (measured at
+// m = 1: 5 chains 1.15x 2 chains; at m = 3, 2 chains are enough).
+template <int NA, int CH = (NA <= 2 ? 5 : 2)>
+inline void ternary_t3_row_tile(const uint8_t* row, int64_t n_blocks, const QuantRows& x, int64_t i0, float s_w,
+                                float* y, int64_t y_stride, int64_t r) {
+  const int8_t* xq[NA];
+  __m512i total[NA];
+  for (int a = 0; a < NA; ++a) {
+    xq[a] = x.q + (i0 + a) * x.stride;
+    total[a] = _mm512_setzero_si512();
+  }
+  for (int64_t b = 0; b < n_blocks;) {
+    __m512i A[NA][CH], B[NA][CH];
+    for (int a = 0; a < NA; ++a)
+      for (int c = 0; c < CH; ++c) A[a][c] = B[a][c] = _mm512_setzero_si512();
+    const int64_t end = std::min(n_blocks, b + 2 * kT3FoldPairs);
+    for (; b + 2 <= end; b += 2) {
+      __m512i u = t3_weights<true>(row, b);
+#pragma GCC unroll 5  // A, B must stay in registers
+      for (int k = 0; k < kT3TritsPerByte; ++k) {
+        const __m512i n = times3(u);
+        for (int a = 0; a < NA; ++a) {
+          const __m512i xv = t3_acts<true>(xq[a], b, k);
+          A[a][k % CH] = dpbusd(A[a][k % CH], u, xv);
+          B[a][k % CH] = dpbusd(B[a][k % CH], n, xv);
+        }
+        u = n;
+      }
+    }
+    if (b < end) {  // the row's last block, alone
+      __m512i u = t3_weights<false>(row, b);
+#pragma GCC unroll 5
+      for (int k = 0; k < kT3TritsPerByte; ++k) {
+        const __m512i n = times3(u);
+        for (int a = 0; a < NA; ++a) {
+          const __m512i xv = t3_acts<false>(xq[a], b, k);
+          A[a][0] = dpbusd(A[a][0], u, xv);
+          B[a][0] = dpbusd(B[a][0], n, xv);
+        }
+        u = n;
+      }
+      ++b;
+    }
+    for (int a = 0; a < NA; ++a) {
+      __m512i sa = A[a][0], sb = B[a][0];
+      for (int c = 1; c < CH; ++c) {
+        sa = _mm512_add_epi32(sa, A[a][c]);
+        sb = _mm512_add_epi32(sb, B[a][c]);
+      }
+      total[a] = t3_fold(total[a], sa, sb);
+    }
+  }
+  for (int a = 0; a < NA; ++a) {
+    const int32_t dot = _mm512_reduce_add_epi32(total[a]) - x.sum[i0 + a];
+    y[(i0 + a) * y_stride + r] = static_cast<float>(dot) * (s_w / x.scale[i0 + a]);
+  }
+}
+
+// RW weight rows against NA activation rows: digits extracted once per weight row and step, each
+// activation vector loaded once per step for all RW rows; RW * NA int32 accumulators (4 x 4: 16
+// accumulators + 4 weight vectors + 4 digit vectors + 4 constants + 1 activation vector of 32 zmm).
+template <int RW, int NA>
+inline void ternary_t3_tile(const uint8_t* w, int64_t n_blocks, int64_t r, const QuantRows& x, int64_t i0,
+                            float s_w, float* y, int64_t y_stride) {
+  const __m512i c85 = _mm512_set1_epi8(85), c170 = _mm512_set1_epi8(static_cast<char>(170));
+  const __m512i one = _mm512_set1_epi8(1), two = _mm512_set1_epi8(2);
+  const uint8_t* rows[RW];
+  for (int j = 0; j < RW; ++j) rows[j] = w + (r + j) * n_blocks * kT3BlockBytes;
+  const int8_t* xq[NA];
+  for (int a = 0; a < NA; ++a) xq[a] = x.q + (i0 + a) * x.stride;
+  __m512i acc[RW][NA];
+  for (int j = 0; j < RW; ++j)
+    for (int a = 0; a < NA; ++a) acc[j][a] = _mm512_setzero_si512();
+  auto step = [&](auto pair, int64_t b) {
+    constexpr bool kPair = decltype(pair)::value;
+    __m512i u[RW];
+    for (int j = 0; j < RW; ++j) u[j] = t3_weights<kPair>(rows[j], b);
+#pragma GCC unroll 5
+    for (int k = 0; k < kT3TritsPerByte; ++k) {
+      __m512i q[RW];
+      for (int j = 0; j < RW; ++j) {
+        q[j] = _mm512_maskz_mov_epi8(_mm512_cmpgt_epu8_mask(u[j], c85), one);
+        q[j] = _mm512_mask_mov_epi8(q[j], _mm512_cmpgt_epu8_mask(u[j], c170), two);
+        if (k + 1 < kT3TritsPerByte) u[j] = times3(u[j]);
+      }
+      for (int a = 0; a < NA; ++a) {
+        const __m512i xv = t3_acts<kPair>(xq[a], b, k);
+        for (int j = 0; j < RW; ++j) acc[j][a] = dpbusd(acc[j][a], q[j], xv);
+      }
+    }
+  };
+  int64_t b = 0;
+  for (; b + 2 <= n_blocks; b += 2) step(std::true_type{}, b);
+  if (b < n_blocks) step(std::false_type{}, b);
+  for (int j = 0; j < RW; ++j)
+    for (int a = 0; a < NA; ++a) {
+      const int32_t dot = _mm512_reduce_add_epi32(acc[j][a]) - x.sum[i0 + a];
+      y[(i0 + a) * y_stride + r + j] = static_cast<float>(dot) * (s_w / x.scale[i0 + a]);
+    }
+}
+
+// The loop order of ternary_rows_avx512: weight rows in blocks of 32; 4 activation rows at a time
+// in 4 x 4 tiles (measured against 1, 2 and 3 weight rows a tile: 1.1-1.3x at m = 8 and 128); the
+// m % 4 leftover activation rows (decode) in row tiles.
+void ternary_rows_t3_avx512(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t r1, const QuantRows& x,
+                            float s_w, float* y, int64_t y_stride) {
+  constexpr int64_t kRowBlock = 32, kTileRows = 4;
+  const int64_t row_bytes = n_blocks * kT3BlockBytes;
+  for (int64_t b0 = r0; b0 < r1; b0 += kRowBlock) {
+    const int64_t b1 = std::min(r1, b0 + kRowBlock);
+    int64_t i = 0;
+    for (; i + 4 <= x.m; i += 4) {
+      int64_t r = b0;
+      for (; r + kTileRows <= b1; r += kTileRows) {
+        if (i == 0 && r + kRowBlock + kTileRows <= r1) {  // the next row block's matching rows, on the way to L1
+          const uint8_t* next = w + (r + kRowBlock) * row_bytes;
+          for (int64_t off = 0; off < kTileRows * row_bytes; off += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(next + off), _MM_HINT_T0);
+        }
+        ternary_t3_tile<kTileRows, 4>(w, n_blocks, r, x, i, s_w, y, y_stride);
+      }
+      for (; r < b1; ++r) ternary_t3_row_tile<4>(w + r * row_bytes, n_blocks, x, i, s_w, y, y_stride, r);
+    }
+    for (int64_t r = b0; r < b1 && i < x.m; ++r) {
+      switch (x.m - i) {
+        case 3: ternary_t3_row_tile<3>(w + r * row_bytes, n_blocks, x, i, s_w, y, y_stride, r); break;
+        case 2: ternary_t3_row_tile<2>(w + r * row_bytes, n_blocks, x, i, s_w, y, y_stride, r); break;
+        default: ternary_t3_row_tile<1>(w + r * row_bytes, n_blocks, x, i, s_w, y, y_stride, r); break;
+      }
+    }
+  }
+}
+
 template <DType DT>
 inline __m512 load16(const uint8_t* row, int64_t k, __mmask16 mk) {
   if constexpr (DT == DType::F32) {
@@ -249,11 +440,13 @@ void dense_rows_avx512(const void* w, DType dt, int64_t n, int64_t r0, int64_t r
 }  // namespace
 
 #ifdef BITNET_HAVE_AVX2
-const KernelTable BITNET_AVX512_TABLE = {BITNET_AVX512_NAME, quantize_rows_avx512, ternary_rows_avx512, dense_rows_avx512,
-                                         attend_avx2<float>, attend_avx2<uint16_t>, int8_rows_avx2};
+const KernelTable BITNET_AVX512_TABLE = {BITNET_AVX512_NAME, quantize_rows_avx512, ternary_rows_avx512,
+                                         ternary_rows_t3_avx512, dense_rows_avx512, attend_avx2<float>,
+                                         attend_avx2<uint16_t>, int8_rows_avx2};
 #else
-const KernelTable BITNET_AVX512_TABLE = {BITNET_AVX512_NAME, quantize_rows_avx512, ternary_rows_avx512, dense_rows_avx512,
-                                         attend_scalar<float>, attend_scalar<uint16_t>, int8_rows_scalar};
+const KernelTable BITNET_AVX512_TABLE = {BITNET_AVX512_NAME, quantize_rows_avx512, ternary_rows_avx512,
+                                         ternary_rows_t3_avx512, dense_rows_avx512, attend_scalar<float>,
+                                         attend_scalar<uint16_t>, int8_rows_scalar};
 #endif
 
 }  // namespace bitnet

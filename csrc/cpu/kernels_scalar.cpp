@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -28,8 +29,19 @@ int64_t dtype_size(DType dt) {
   return 0;
 }
 
+const char* packing_name(Packing p) { return p == Packing::T3B160 ? "t3_b160" : "i2_b128"; }
+
+Packing parse_packing(const std::string& name) {
+  if (name == "i2_b128") return Packing::I2B128;
+  if (name == "t3_b160") return Packing::T3B160;
+  if (name == "t3_b5")
+    throw std::invalid_argument("ternary packing 't3_b5' is not read in place; repack it to i2_b128 first "
+                                "(Engine.load does) or export with t3_b160");
+  throw std::invalid_argument("unknown ternary packing '" + name + "'; expected i2_b128 or t3_b160");
+}
+
 void QuantBuffer::resize(int64_t m, int64_t n) {
-  const int64_t n_pad = i2_blocks_per_row(n) * kI2BlockCodes;
+  const int64_t n_pad = act_padded(n);
   const size_t need = static_cast<size_t>(m * n_pad) + 64;
   if (storage_.size() < need) storage_.resize(need);
   auto addr = reinterpret_cast<uintptr_t>(storage_.data());
@@ -112,6 +124,23 @@ void ternary_rows_scalar(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t
       for (int64_t b = 0; b < n_blocks; ++b) {
         const uint8_t* blk = row + b * kI2BlockBytes;
         for (int e = 0; e < kI2BlockCodes; ++e) acc += i2_code(blk, e) * xq[b * kI2BlockCodes + e];
+      }
+      y[i * y_stride + r] = static_cast<float>(acc) * (s_w / x.scale[i]);
+    }
+  }
+}
+
+// The reference of t3_b160: every code decoded by its definition (t3_code), one at a time.
+void ternary_rows_t3_scalar(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t r1, const QuantRows& x,
+                            float s_w, float* y, int64_t y_stride) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w + r * n_blocks * kT3BlockBytes;
+    for (int64_t i = 0; i < x.m; ++i) {
+      const int8_t* xq = x.q + i * x.stride;
+      int32_t acc = 0;
+      for (int64_t b = 0; b < n_blocks; ++b) {
+        const uint8_t* blk = row + b * kT3BlockBytes;
+        for (int e = 0; e < kT3BlockCodes; ++e) acc += t3_code(blk, e) * xq[b * kT3BlockCodes + e];
       }
       y[i * y_stride + r] = static_cast<float>(acc) * (s_w / x.scale[i]);
     }
@@ -228,7 +257,43 @@ int64_t find_invalid_i2_byte(const uint8_t* data, int64_t n_bytes) {
   return -1;
 }
 
-const KernelTable kScalarKernels = {"scalar", quantize_rows_scalar, ternary_rows_scalar, dense_rows_scalar,
-                                    attend_scalar<float>, attend_scalar<uint16_t>, int8_rows_scalar};
+int64_t find_invalid_t3_byte(const uint8_t* data, int64_t n_bytes) {
+  // A byte is invalid when (243 * byte) mod 256 >= 243, i.e. when (13 * byte - 1) mod 256 < 13
+  // (243 = -13 mod 256). As find_invalid_i2_byte: 4 KiB chunks reduced without an early exit (a
+  // byte loop the compiler vectorizes), then only a bad chunk is searched byte by byte.
+  constexpr int64_t kChunk = 4096;
+  for (int64_t c0 = 0; c0 < n_bytes; c0 += kChunk) {
+    const int64_t c1 = std::min(n_bytes, c0 + kChunk);
+    uint8_t bad = 0;
+    for (int64_t i = c0; i < c1; ++i) bad |= static_cast<uint8_t>(static_cast<uint8_t>(data[i] * 13u - 1u) < 13u);
+    if (bad)
+      for (int64_t j = c0; j < c1; ++j)
+        if (!t3_byte_valid(data[j])) return j;
+  }
+  return -1;
+}
+
+void repack_t3_b160_to_i2_b128(const uint8_t* t3, int64_t rows, int64_t in, uint8_t* i2) {
+  const int64_t t3_bytes = t3_row_bytes(in), i2_bytes = i2_row_bytes(in);
+  const int64_t groups = i2_blocks_per_row(in) * 4;  // 32-element groups of an i2 row
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* src = t3 + r * t3_bytes;
+    uint8_t* dst = i2 + r * i2_bytes;
+    // element 32 g + j: t3 block g / 5, digit g % 5, byte j; i2 block g / 4, field g % 4, byte j
+    for (int64_t g = 0; g < groups; ++g) {
+      uint8_t* out = dst + (g / 4) * kI2BlockBytes;
+      const int shift = 2 * static_cast<int>(g % 4);
+      if (g % 4 == 0) std::memset(out, 0, kI2BlockBytes);
+      for (int j = 0; j < 32; ++j) {
+        const int q = 32 * g + j < in ? t3_digit(src[(g / 5) * kT3BlockBytes + j], static_cast<int>(g % 5)) : 1;
+        out[j] = static_cast<uint8_t>(out[j] | q << shift);
+      }
+    }
+  }
+}
+
+const KernelTable kScalarKernels = {"scalar", quantize_rows_scalar, ternary_rows_scalar, ternary_rows_t3_scalar,
+                                    dense_rows_scalar, attend_scalar<float>, attend_scalar<uint16_t>,
+                                    int8_rows_scalar};
 
 }  // namespace bitnet

@@ -6,12 +6,13 @@
 
 namespace bitnet {
 
-void ternary_matmul(const KernelTable& kt, const uint8_t* w, int64_t out, int64_t in, const QuantRows& x, float s_w,
-                    float* y, int threads) {
+void ternary_matmul(const KernelTable& kt, Packing packing, const uint8_t* w, int64_t out, int64_t in,
+                    const QuantRows& x, float s_w, float* y, int threads) {
   constexpr int64_t chunk = 32;
-  const int64_t n_blocks = i2_blocks_per_row(in);
+  const int64_t n_blocks = packing_blocks_per_row(packing, in);
+  const auto rows = packing == Packing::T3B160 ? kt.ternary_rows_t3 : kt.ternary_rows;
   parallel_for((out + chunk - 1) / chunk, threads, [&](int64_t c) {
-    kt.ternary_rows(w, n_blocks, c * chunk, std::min(out, (c + 1) * chunk), x, s_w, y, out);
+    rows(w, n_blocks, c * chunk, std::min(out, (c + 1) * chunk), x, s_w, y, out);
   });
 }
 

@@ -204,7 +204,7 @@ struct DevLinear {
   bool ternary = false;
   int64_t in = 0, out = 0, n_blocks = 0;
   float s_w = 0.0f;
-  DeviceBuffer w;  // i2_b128 (out, n_blocks * 32) or dense (out, in) of dtype dt
+  DeviceBuffer w;  // i2_b128 (out, n_blocks * 32; t3_b160 files repacked at upload) or dense (out, in) of dtype dt
   DType dt = DType::U8;
   DeviceBuffer norm;  // in-layer RMSNorm weight (norm == "bitlinear")
   bool has_norm = false;
@@ -257,7 +257,16 @@ struct DeviceModel::Impl {
       lin.n_blocks = (in + 127) / 128;
       const TensorRef& qw = tensor(t, name + ".qweight");
       const size_t bytes = static_cast<size_t>(out * lin.n_blocks * 32);
-      lin.w.upload(qw.data, bytes);
+      if (cfg.packing == Packing::T3B160) {
+        // The GPU kernels read i2_b128: a 1.6-bit matrix is repacked on the host, one tensor at a
+        // time (a transient host copy of that tensor only), and the device holds 2 bits per weight.
+        std::vector<uint8_t> i2(bytes);
+        repack_t3_b160_to_i2_b128(static_cast<const uint8_t*>(qw.data), out, in, i2.data());
+        lin.w.upload(i2.data(), bytes);
+        weight_bytes += static_cast<int64_t>(bytes) - out * t3_row_bytes(in);  // what a decode step reads here
+      } else {
+        lin.w.upload(qw.data, bytes);
+      }
       device_bytes += static_cast<int64_t>(bytes);
       const TensorRef& s = tensor(t, name + ".scale");
       dense_row_to_fp32(s.data, s.dtype, 1, 0, &lin.s_w);

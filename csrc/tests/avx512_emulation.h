@@ -75,6 +75,20 @@ inline simde__m512i cvtepu16_epi32(simde__m256i v) {
   return simde_mm512_loadu_si512(b);
 }
 
+inline simde__m512i add_epi8(simde__m512i a, simde__m512i b) {  // wrapping, without SIMDe's signed-overflow UB
+  uint8_t x[64], y[64];
+  simde_mm512_storeu_si512(x, a);
+  simde_mm512_storeu_si512(y, b);
+  for (int i = 0; i < 64; ++i) x[i] = static_cast<uint8_t>(x[i] + y[i]);
+  return simde_mm512_loadu_si512(x);
+}
+inline simde__m512i srai_epi32(simde__m512i v, int imm) {  // arithmetic shift (SIMDe 0.7 lacks the 512-bit one)
+  int32_t a[16];
+  simde_mm512_storeu_si512(a, v);
+  for (int i = 0; i < 16; ++i) a[i] = imm > 31 ? (a[i] < 0 ? -1 : 0) : (a[i] >> imm);
+  return simde_mm512_loadu_si512(a);
+}
+
 inline simde__m512i cvtps_epi32(simde__m512 v) {  // current rounding mode; NaN / overflow -> INT32_MIN
   float a[16];
   simde_mm512_storeu_ps(a, v);
@@ -89,6 +103,9 @@ inline simde__m512i cvtps_epi32(simde__m512 v) {  // current rounding mode; NaN 
 }  // namespace bitnet_emu
 
 #define _mm512_cvtps_epi32 bitnet_emu::cvtps_epi32
+#define _mm512_srai_epi32 bitnet_emu::srai_epi32
+#undef _mm512_add_epi8
+#define _mm512_add_epi8 bitnet_emu::add_epi8
 #define _mm512_reduce_add_epi32 bitnet_emu::reduce_add_epi32
 #define _mm512_reduce_add_ps bitnet_emu::reduce_add_ps
 #define _mm512_reduce_max_ps bitnet_emu::reduce_max_ps

@@ -6,7 +6,8 @@
 //   cmake --build build/fuzz --target bitnet_fuzz_model && build/fuzz/bitnet_fuzz_model CORPUS_DIR
 // Input (little-endian; missing bytes read as 0):
 //   8 x u32  vocab, hidden, ffn, layers, heads, kv_heads, head_dim, max_seq_len   (the config)
-//   4 x u8   norm (0 subln, 1 bitlinear, 2 none), ffn (0 swiglu, 1 relu2), tie, dense dtype (0 f16, 1 bf16, 2 f32)
+//   4 x u8   norm (0 subln, 1 bitlinear, 2 none), ffn (0 swiglu, 1 relu2), tie, dense dtype (0 f16, 1 bf16, 2 f32;
+//            bit 7 set: the ternary tensors are t3_b160 instead of i2_b128)
 //   then one u8 per tensor the config asks for, in model order: 0 as expected, 1 left out, 2 first
 //   dimension + 1, 3 ternary<->dense dtype swap, 4 a tensor under a wrong name (others: as 0)
 //   then u8 n_seqs, u16 cache length, u8 tokens per sequence, and u32 token ids.
@@ -66,8 +67,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   c.norm = norm == 0 ? NormKind::SubLN : norm == 1 ? NormKind::BitLinear : NormKind::None;
   c.ffn = ffn == 0 ? FfnKind::SwiGLU : FfnKind::ReLU2;
   c.tie_embeddings = in.take(1) & 1;
-  const int dsel = static_cast<int>(in.take(1) % 3);
+  const int dbyte = static_cast<int>(in.take(1)), dsel = (dbyte & 0x7f) % 3;
   const DType dense = dsel == 0 ? DType::F16 : dsel == 1 ? DType::BF16 : DType::F32;
+  c.packing = dbyte & 0x80 ? Packing::T3B160 : Packing::I2B128;  // zero bytes are valid codes in both
 
   // The tensor table the config asks for, each mutated by one input byte. Names are made for at
   // most 64 layers: a config claiming more must be refused for the tensors it lacks.
@@ -90,7 +92,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   add("norm.weight", dense, {d});
   const int64_t layers = std::min<int64_t>(c.num_layers, 64);
   auto linear = [&](const std::string& name, int64_t out, int64_t in_f) {
-    add(name + ".qweight", DType::U8, {out, ((in_f + 127) / 128) * 32});
+    add(name + ".qweight", DType::U8, {out, c.packing == Packing::T3B160 ? ((in_f + 159) / 160) * 32 : ((in_f + 127) / 128) * 32});
     add(name + ".scale", DType::F32, {1});
     if (c.norm == NormKind::BitLinear) add(name + ".norm.weight", dense, {in_f});
   };

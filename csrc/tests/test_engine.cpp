@@ -64,6 +64,25 @@ std::vector<uint8_t> pack(const std::vector<int8_t>& codes, int64_t out, int64_t
   return w;
 }
 
+// (out, in) codes -> t3_b160 bytes (layout of cpu/t3_b160.h, written independently): byte j of
+// block b holds the digits q = c + 1 of elements 160 b + 32 k + j, k = 0..4, as v = sum q_k 3^(4-k),
+// stored as ceil(256 v / 243).
+std::vector<uint8_t> pack_t3(const std::vector<int8_t>& codes, int64_t out, int64_t in) {
+  const int64_t nb = (in + 159) / 160;
+  std::vector<uint8_t> w(static_cast<size_t>(out * nb * 32));
+  for (int64_t r = 0; r < out; ++r)
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t j = 0; j < 32; ++j) {
+        int v = 0;
+        for (int64_t k = 0; k < 5; ++k) {
+          const int64_t e = 160 * b + 32 * k + j;
+          v = 3 * v + (e < in ? codes[r * in + e] + 1 : 1);
+        }
+        w[r * nb * 32 + b * 32 + j] = static_cast<uint8_t>((256 * v + 242) / 243);  // ceil(256 v / 243)
+      }
+  return w;
+}
+
 void test_kernels(std::mt19937& rng) {
   std::normal_distribution<float> normal;
   std::uniform_int_distribution<int> code(-1, 1);
@@ -88,8 +107,8 @@ void test_kernels(std::mt19937& rng) {
       check(std::memcmp(qa.scale(), qb.scale(), static_cast<size_t>(m) * 4) == 0, tag + ": s_x");
       check(std::memcmp(qa.sum(), qb.sum(), static_cast<size_t>(m) * 4) == 0, tag + ": code sums");
       std::vector<float> ya(static_cast<size_t>(m * out)), yb(ya.size());
-      ternary_matmul(kScalarKernels, w.data(), out, in, qa.view(), 0.05f, ya.data(), 1);
-      ternary_matmul(*kt, w.data(), out, in, qb.view(), 0.05f, yb.data(), 2);
+      ternary_matmul(kScalarKernels, Packing::I2B128, w.data(), out, in, qa.view(), 0.05f, ya.data(), 1);
+      ternary_matmul(*kt, Packing::I2B128, w.data(), out, in, qb.view(), 0.05f, yb.data(), 2);
       check(std::memcmp(ya.data(), yb.data(), ya.size() * 4) == 0, tag + ": ternary matmul (bit-exact)");
       // dense: f32 and f16 weights, misaligned by one element to exercise unaligned loads
       for (DType dt : {DType::F32, DType::F16, DType::BF16}) {
@@ -164,13 +183,117 @@ void test_kernel_extremes() {
       qb.resize(m, in);
       kt->quantize_rows(x.data(), m, in, in, 1e-5f, qb.q(), qb.stride(), qb.scale(), qb.sum());
       std::vector<float> ya(static_cast<size_t>(m * out)), yb(ya.size());
-      ternary_matmul(kScalarKernels, w.data(), out, in, qb.view(), 1.0f, ya.data(), 1);
-      ternary_matmul(*kt, w.data(), out, in, qb.view(), 1.0f, yb.data(), 1);
+      ternary_matmul(kScalarKernels, Packing::I2B128, w.data(), out, in, qb.view(), 1.0f, ya.data(), 1);
+      ternary_matmul(*kt, Packing::I2B128, w.data(), out, in, qb.view(), 1.0f, yb.data(), 1);
       check(std::memcmp(ya.data(), yb.data(), ya.size() * 4) == 0,
             std::string(kt->name) + ": ternary matmul at the int16 extremes (sign " + std::to_string(sign) + ")");
       const int32_t expect = sign * static_cast<int32_t>(qb.q()[0]) * static_cast<int32_t>(in);
       check(std::fabs(yb[0] * qb.scale()[0] - static_cast<float>(expect)) <= 1e-3f * std::fabs(static_cast<float>(expect)),
             std::string(kt->name) + ": extreme dot equals codes * in");
+    }
+  }
+}
+
+// t3_b160's byte code: the 243 encodings decode to their digits, the other 13 bytes are invalid
+// and found by the scan; the repack to i2_b128 keeps every code.
+void test_t3_layout(std::mt19937& rng) {
+  std::vector<int> is_code(256, 0);
+  bool digits_ok = true;
+  for (int v = 0; v < 243; ++v) {
+    int q[5];
+    for (int k = 0, rest = v; k < 5; ++k) {
+      q[4 - k] = rest % 3;
+      rest /= 3;
+    }
+    const uint8_t byte = t3_encode(q);
+    is_code[byte] += 1;
+    for (int k = 0; k < 5; ++k) digits_ok = digits_ok && t3_digit(byte, k) == q[k];
+    digits_ok = digits_ok && ((byte * 243) >> 8) == v;
+  }
+  check(digits_ok, "t3_b160: every encoding decodes to its digits (and v = byte * 243 >> 8)");
+  int n_codes = 0;
+  bool valid_ok = true;
+  for (int b = 0; b < 256; ++b) {
+    n_codes += is_code[b] == 1;
+    valid_ok = valid_ok && t3_byte_valid(static_cast<uint8_t>(b)) == (is_code[b] == 1);
+    std::vector<uint8_t> buf(5000, t3_encode(std::array<int, 5>{1, 1, 1, 1, 1}.data()));
+    buf[4321] = static_cast<uint8_t>(b);
+    const int64_t at = find_invalid_t3_byte(buf.data(), static_cast<int64_t>(buf.size()));
+    valid_ok = valid_ok && at == (is_code[b] == 1 ? -1 : 4321);
+  }
+  check(n_codes == 243 && valid_ok, "t3_b160: 243 distinct encodings; t3_byte_valid and the scan reject the other 13");
+  std::uniform_int_distribution<int> code(-1, 1);
+  for (const auto& s : {std::array<int64_t, 2>{3, 1}, {2, 159}, {5, 160}, {4, 161}, {3, 300}, {2, 641}, {1, 1000}}) {
+    const int64_t out = s[0], in = s[1];
+    std::vector<int8_t> codes(static_cast<size_t>(out * in));
+    for (auto& c : codes) c = static_cast<int8_t>(code(rng));
+    const auto t3 = pack_t3(codes, out, in);
+    check(static_cast<int64_t>(t3.size()) == out * t3_row_bytes(in), "t3_b160 row bytes");
+    bool codes_ok = true;
+    for (int64_t r = 0; r < out; ++r)
+      for (int64_t e = 0; e < t3_blocks_per_row(in) * 160; ++e)
+        codes_ok = codes_ok && t3_code(t3.data() + r * t3_row_bytes(in) + (e / 160) * 32, static_cast<int>(e % 160)) ==
+                                   (e < in ? codes[r * in + e] : 0);
+    check(codes_ok, "t3_code reads back every code and zero padding, in " + std::to_string(in));
+    std::vector<uint8_t> i2(static_cast<size_t>(out * i2_row_bytes(in)), 0xAA);
+    repack_t3_b160_to_i2_b128(t3.data(), out, in, i2.data());
+    check(i2 == pack(codes, out, in), "repack t3_b160 -> i2_b128, in " + std::to_string(in));
+  }
+}
+
+// Every table's t3_b160 kernel against the scalar reference and against i2_b128 on the same codes
+// (integer math: bit-identical), on rows that are not a multiple of 160, odd row counts, m = 1..17.
+void test_t3_kernels(std::mt19937& rng) {
+  std::normal_distribution<float> normal;
+  std::uniform_int_distribution<int> code(-1, 1);
+  const int64_t shapes[][2] = {{1, 1}, {3, 31}, {17, 159}, {33, 160}, {9, 161}, {31, 319}, {5, 321}, {7, 1000}, {3, 2600}};
+  for (const auto& s : shapes) {
+    const int64_t out = s[0], in = s[1];
+    std::vector<int8_t> codes(static_cast<size_t>(out * in));
+    for (auto& c : codes) c = static_cast<int8_t>(code(rng));
+    const auto t3 = pack_t3(codes, out, in), i2 = pack(codes, out, in);
+    for (int64_t m = 1; m <= 17; m += (in > 1000 ? 4 : 1)) {
+      std::vector<float> x(static_cast<size_t>(m * in));
+      for (auto& v : x) v = normal(rng) * 3.0f;
+      if (m > 2) std::fill(x.begin() + in, x.begin() + 2 * in, 0.0f);  // an all-zero row
+      QuantBuffer qb;
+      qb.resize(m, in);
+      kScalarKernels.quantize_rows(x.data(), m, in, in, 1e-5f, qb.q(), qb.stride(), qb.scale(), qb.sum());
+      std::vector<float> ya(static_cast<size_t>(m * out)), yb(ya.size(), NAN), yi(ya.size());
+      ternary_matmul(kScalarKernels, Packing::T3B160, t3.data(), out, in, qb.view(), 0.05f, ya.data(), 1);
+      ternary_matmul(kScalarKernels, Packing::I2B128, i2.data(), out, in, qb.view(), 0.05f, yi.data(), 1);
+      const std::string tag = std::to_string(out) + "x" + std::to_string(in) + "x" + std::to_string(m);
+      check(ya == yi, "scalar t3_b160 == scalar i2_b128 on the same codes, " + tag);
+      for (const KernelTable* kt : tables()) {
+        std::fill(yb.begin(), yb.end(), NAN);
+        kt->ternary_rows_t3(t3.data(), t3_blocks_per_row(in), 0, out, qb.view(), 0.05f, yb.data(), out);  // one call, all rows
+        check(std::memcmp(ya.data(), yb.data(), ya.size() * 4) == 0, std::string(kt->name) + " t3_b160 rows " + tag);
+      }
+    }
+  }
+  // Extremes: every code +1 (or -1) against activations at +-127, over 41 blocks (the int16 sums of
+  // the AVX2 kernel) and over 1100 blocks (the int32 folds of the AVX-512 decode kernel).
+  for (int64_t in : {160 * 41 + 37, 160 * 1100 + 5}) {
+    const int64_t out = 3, m = in > 100000 ? 2 : 6;
+    for (int sign : {1, -1}) {
+      std::vector<int8_t> codes(static_cast<size_t>(out * in), static_cast<int8_t>(sign));
+      const auto t3 = pack_t3(codes, out, in);
+      std::vector<float> x(static_cast<size_t>(m * in));
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t k = 0; k < in; ++k) x[i * in + k] = (i % 2 ? -1.0f : 1.0f) * (k % 7 == 0 ? 1.0f : 0.999f);
+      QuantBuffer qb;
+      qb.resize(m, in);
+      kScalarKernels.quantize_rows(x.data(), m, in, in, 1e-5f, qb.q(), qb.stride(), qb.scale(), qb.sum());
+      std::vector<float> ya(static_cast<size_t>(m * out)), yb(ya.size());
+      ternary_matmul(kScalarKernels, Packing::T3B160, t3.data(), out, in, qb.view(), 1.0f, ya.data(), 1);
+      const int32_t expect = sign * static_cast<int32_t>(qb.q()[0]) * static_cast<int32_t>(in);
+      check(std::fabs(ya[0] * qb.scale()[0] - static_cast<float>(expect)) <= 1e-3f * std::fabs(static_cast<float>(expect)),
+            "scalar t3_b160 extreme dot equals codes * in");
+      for (const KernelTable* kt : tables()) {
+        ternary_matmul(*kt, Packing::T3B160, t3.data(), out, in, qb.view(), 1.0f, yb.data(), 1);
+        check(std::memcmp(ya.data(), yb.data(), ya.size() * 4) == 0, std::string(kt->name) + ": t3_b160 extremes, in " +
+                                                                          std::to_string(in) + " sign " + std::to_string(sign));
+      }
     }
   }
 }
@@ -267,9 +390,11 @@ struct TinyModel {
   TensorMap map;
 };
 
-TinyModel tiny_model(std::mt19937& rng, NormKind norm, FfnKind ffn, bool qkv_bias = false, bool qk_norm = false) {
+TinyModel tiny_model(std::mt19937& rng, NormKind norm, FfnKind ffn, bool qkv_bias = false, bool qk_norm = false,
+                     Packing packing = Packing::I2B128) {
   TinyModel t;
   ModelConfig& c = t.cfg;
+  c.packing = packing;
   c.vocab_size = 50;
   c.hidden_size = 40;
   c.intermediate_size = 72;
@@ -298,8 +423,8 @@ TinyModel tiny_model(std::mt19937& rng, NormKind norm, FfnKind ffn, bool qkv_bia
   auto linear = [&](const std::string& name, int64_t in, int64_t out) {
     std::vector<int8_t> codes(static_cast<size_t>(in * out));
     for (auto& v : codes) v = static_cast<int8_t>(code(rng));
-    t.bufs.push_back(pack(codes, out, in));
-    t.map[name + ".qweight"] = {DType::U8, t.bufs.back().data(), {out, i2_row_bytes(in)}};
+    t.bufs.push_back(packing == Packing::T3B160 ? pack_t3(codes, out, in) : pack(codes, out, in));
+    t.map[name + ".qweight"] = {DType::U8, t.bufs.back().data(), {out, packing_row_bytes(packing, in)}};
     const float s = 0.1f;
     t.bufs.emplace_back(4);
     std::memcpy(t.bufs.back().data(), &s, 4);
@@ -456,6 +581,17 @@ void test_engine(std::mt19937& rng) {
                  bias ? "layers.1.self_attn.v_proj.bias" : "layers.1.self_attn.k_norm.weight");
   }
   test_int8_lm_head(rng, tokens);
+  // t3_b160 weights read in place: the same logits as i2_b128 holding the same codes, on every ISA
+  for (NormKind norm : {NormKind::SubLN, NormKind::BitLinear}) {
+    std::mt19937 r1 = rng, r2 = rng;
+    TinyModel a = tiny_model(r1, norm, FfnKind::SwiGLU, false, false, Packing::I2B128);
+    TinyModel b = tiny_model(r2, norm, FfnKind::SwiGLU, false, false, Packing::T3B160);
+    rng = r1;
+    for (const auto& isa : available_isas()) {
+      const Model mi(a.cfg, a.map, isa), mt(b.cfg, b.map, isa);
+      check(run(mi, tokens) == run(mt, tokens), "forward " + isa + ": t3_b160 == i2_b128 (bit-identical)");
+    }
+  }
 }
 
 void test_bad_input(std::mt19937& rng) {
@@ -483,6 +619,21 @@ void test_bad_input(std::mt19937& rng) {
     m["layers.0.mlp.gate_proj.qweight"].data = bad.data();
     expect_throw<std::invalid_argument>([&] { Model(t.cfg, m, "scalar"); }, "invalid code", "invalid 2-bit code 3 at byte 100");
   }
+  {
+    std::mt19937 r = rng;
+    TinyModel t3 = tiny_model(r, NormKind::SubLN, FfnKind::SwiGLU, false, false, Packing::T3B160);
+    std::vector<uint8_t> bad(static_cast<size_t>(72 * t3_row_bytes(40)), 121);
+    bad[37] = 20;  // no encoding
+    TensorMap m = t3.map;
+    m["layers.1.mlp.up_proj.qweight"].data = bad.data();
+    expect_throw<std::invalid_argument>([&] { Model(t3.cfg, m, "scalar"); }, "invalid t3 byte",
+                                        "'layers.1.mlp.up_proj.qweight' holds the invalid t3_b160 byte 20 at byte 37");
+    TensorMap wrong = t3.map;
+    wrong["layers.0.self_attn.q_proj.qweight"].shape = {40, 64};
+    expect_throw<std::invalid_argument>([&] { Model(t3.cfg, wrong, "scalar"); }, "t3 qweight shape",
+                                        "has shape (40, 64); expected (40, 32) (t3_b160 ternary codes)");
+  }
+  expect_throw<std::invalid_argument>([] { parse_packing("t3_b5"); }, "t3_b5 is not read in place", "repack it to i2_b128");
   {
     ModelConfig c = t.cfg;
     c.num_kv_heads = 3;
@@ -517,6 +668,8 @@ int main() {
   test_kernels(rng);
   test_kernels_whole_range(rng);
   test_kernel_extremes();
+  test_t3_layout(rng);
+  test_t3_kernels(rng);
   test_attention(rng);
   test_fp16_rounding();
   test_attention_f16(rng);

@@ -38,6 +38,21 @@ def test_packing_matches_transformers():
     np.testing.assert_array_equal(unpack_hf_rows(ours), codes)
 
 
+@pytest.mark.parametrize("dtype", ["F16", "BF16", "F32"])
+def test_streamed_safetensors_are_the_bytes_save_file_writes(tmp_path, dtype):
+    """write_hf lays model.safetensors out from the shapes and writes it tensor by tensor: the file is
+    the one safetensors' own save_file writes for the same tensors (its order, header, padding)."""
+    from safetensors.torch import load_file, save_file
+
+    model = BitNetModel(ModelConfig(**{**TINY, "qkv_bias": True, "norm": "none"}),
+                        QuantConfig(keep_high_precision=["layers.0.mlp.*"]))
+    write_hf(tmp_path / "hf", model_arrays(model), dense_dtype=dtype)
+    ours = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    save_file(load_file(tmp_path / "hf" / "model.safetensors"), str(tmp_path / "ref.safetensors"),
+              metadata={"format": "pt"})
+    assert ours == (tmp_path / "ref.safetensors").read_bytes()
+
+
 @pytest.mark.parametrize("variant,keep", [
     (dict(norm="subln"), ["layers.1.mlp.down_proj"]),
     (dict(norm="none", ffn="relu2", tie_embeddings=True), []),

@@ -45,7 +45,7 @@ def arrays():
     return random_arrays()
 
 
-@pytest.fixture(scope="module", params=["i2_b128", "t3_b5"])
+@pytest.fixture(scope="module", params=["i2_b128", "t3_b160", "t3_b5"])
 def good_file(request, tmp_path_factory, arrays):
     path = tmp_path_factory.mktemp("good") / f"m_{request.param}.bitnet"
     write_bitnet(path, arrays, packing=request.param, dense_dtype="F32")
@@ -59,7 +59,9 @@ def test_reader_api(good_file, arrays):
     assert f.tokenizer_config["chat_template"] == "{{ messages }}"
     assert f.provenance == {"recipe": "unit", "step": 3}
     assert json.loads(f.tokenizer_json)["version"] == "1.0"
-    assert f.metadata["format"] == "bitnet" and f.metadata["format_version"] == "1"
+    # the lowest version that has the file's packing: t3_b160 came with version 2
+    want_version = "2" if f.quant["packing"] == "t3_b160" else "1"
+    assert f.metadata["format"] == "bitnet" and f.metadata["format_version"] == want_version
     layers = f.ternary_layers()
     assert "layers.0.mlp.up_proj" not in layers and f.dense_layers() == {"layers.0.mlp.up_proj": (72, 40)}
     assert layers["layers.1.mlp.down_proj"] == (40, 72)
@@ -76,8 +78,9 @@ def test_reader_api(good_file, arrays):
         f.tensor("nope")
 
 
-def test_i2_qweights_are_32_byte_aligned_and_safetensors_opens_it(tmp_path, arrays):
-    path = write_bitnet(tmp_path / "m.bitnet", arrays, packing="i2_b128")
+@pytest.mark.parametrize("packing", ["i2_b128", "t3_b160"])
+def test_in_place_qweights_are_32_byte_aligned_and_safetensors_opens_it(tmp_path, arrays, packing):
+    path = write_bitnet(tmp_path / "m.bitnet", arrays, packing=packing)
     header, _ = read_raw(path)
     data_start = path.stat().st_size - sum(e["data_offsets"][1] - e["data_offsets"][0]
                                            for k, e in header.items() if k != "__metadata__")
@@ -115,7 +118,18 @@ def expect(path, match):
 
 
 def test_wrong_version_and_format(good_file, tmp_path):
-    expect(mutate_meta(good_file, tmp_path / "a", "format_version", lambda v: "2"), "format_version '2' is not supported")
+    expect(mutate_meta(good_file, tmp_path / "a", "format_version", lambda v: "3"), "format_version '3' is not supported")
+    expect(mutate_meta(good_file, tmp_path / "c", "format_version", lambda v: "0"), "reads versions 1, 2")
+
+
+def test_version_2_and_the_packings_it_allows(good_file, tmp_path):
+    packing = open_model(good_file).quant["packing"]
+    if packing == "t3_b160":  # a version-1 reader does not know it: such a file must not claim version 1
+        expect(mutate_meta(good_file, tmp_path / "a", "format_version", lambda v: "1"),
+               "quant.packing 't3_b160' needs format_version 2; this file says 1")
+    else:  # version 2 is version 1 plus t3_b160: a version-1 packing under version 2 reads the same
+        f = open_model(mutate_meta(good_file, tmp_path / "b", "format_version", lambda v: "2"))
+        assert f.format_version == 2 and f.quant["packing"] == packing
     expect(mutate_meta(good_file, tmp_path / "b", "format", lambda v: "gguf"), "'format' is 'gguf'")
 
 
@@ -203,6 +217,27 @@ def test_invalid_codes_are_reported_on_use(tmp_path, arrays):
     f = open_model(write_raw(tmp_path / "b", header, bytes(bad)))
     with pytest.raises(FormatError, match="q_proj.qweight: invalid 2-bit code 3"):
         f.dequantize("layers.0.self_attn.q_proj")
+
+
+def test_invalid_t3_b160_bytes_and_padding_are_reported_on_use(tmp_path, arrays):
+    import zlib
+
+    path = write_bitnet(tmp_path / "m.bitnet", arrays, packing="t3_b160")
+    header, data = read_raw(path)
+    md = header["__metadata__"]
+    ck = json.loads(md["checksums"])
+    name = "layers.1.mlp.down_proj.qweight"  # (40, 72): one block, elements 72..159 padding
+    e = header[name]
+    begin, end = e["data_offsets"]
+    for i, (at, byte, match) in enumerate([(begin + 70, 20, "invalid t3_b160 byte 20 at row 2, byte 6"),
+                                           (begin + 3, int(P.T160_ENCODE[0]), "padding")]):  # element 128 + 3: q = 0
+        bad = bytearray(data)
+        bad[at] = byte
+        ck["tensors"][name] = zlib.crc32(bytes(bad[begin:end]))
+        md["checksums"] = json.dumps(ck)
+        f = open_model(write_raw(tmp_path / f"b{i}", header, bytes(bad)))
+        with pytest.raises(FormatError, match=f"{name}: {match}"):
+            f.codes("layers.1.mlp.down_proj")
 
 
 def test_short_and_garbage_files(tmp_path):

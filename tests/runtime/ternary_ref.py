@@ -1,4 +1,4 @@
-"""NumPy references for the runtime tests: i2_b128 packing and the quantization contract.
+"""NumPy references for the runtime tests: i2_b128 and t3_b160 packing and the quantization contract.
 
 Written from the layout and formulas (export FORMAT / DESIGN.md), not from the engine's code.
 """
@@ -23,6 +23,21 @@ def pack_i2_b128(codes: np.ndarray) -> np.ndarray:
     q = q.reshape(out, nb, 4, 32)  # [row, block, k, j]
     packed = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
     return np.ascontiguousarray(packed.reshape(out, nb * 32))
+
+
+def pack_t3_b160(codes: np.ndarray) -> np.ndarray:
+    """(out, in) ternary codes -> (out, ceil(in/160)*32) uint8.
+
+    q = c + 1; rows padded with c = 0; byte j of block b holds the digits of elements b*160 + 32k + j
+    (k = 0..4) as v = sum_k q_k 3^(4-k), stored as ceil(256 v / 243).
+    """
+    out, n = codes.shape
+    nb = -(-n // 160)
+    q = np.ones((out, nb * 160), np.int64)
+    q[:, :n] = codes.astype(np.int64) + 1
+    q = q.reshape(out, nb, 5, 32)  # [row, block, k, j]
+    v = sum(q[:, :, k] * 3 ** (4 - k) for k in range(5))
+    return np.ascontiguousarray(((256 * v + 242) // 243).astype(np.uint8).reshape(out, nb * 32))
 
 
 def act_quant(x: np.ndarray, eps: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:

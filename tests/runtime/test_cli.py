@@ -218,6 +218,20 @@ def test_random_model_of_dims(tmp_path):
     assert eng.vocab_size == 97 and eng._model.config.num_kv_heads == 1
 
 
+def test_random_model_1_6bit_is_t3_b160_read_in_place(tmp_path):
+    from bitnet_train.export.reader import open_model
+
+    path = tmp_path / "t.bitnet"
+    assert main(["random-model", "--dims", "hidden=320,ffn=400,layers=1,heads=4,vocab=97", "-o", str(path),
+                 "--max-seq-len", "16", "--packing", "1.6bit"]) == 0
+    f = open_model(path)
+    assert f.quant["packing"] == "t3_b160" and f.metadata["format_version"] == "2"
+    codes = f.codes("layers.0.mlp.down_proj")  # (320, 400): a partial last block, padding checked
+    assert set(np.unique(codes)) == {-1, 0, 1}
+    eng = Engine.load(path, threads=1)
+    assert eng.quant["packing"] == "t3_b160" and np.isfinite(eng.forward([1, 2, 3])).all()
+
+
 @pytest.mark.slow
 def test_random_model_writes_tensor_by_tensor_in_bounded_memory(tmp_path):
     """A 200 MB file (805M ternary weights in 48 layers) written with a peak RSS far below its size:

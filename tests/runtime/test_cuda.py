@@ -114,6 +114,20 @@ def test_prefill_logits_match_cpu(tmp_path, variant):
 
 @pytest.mark.gpu
 @needs_gpu
+def test_a_t3_b160_file_is_repacked_at_upload_and_computes_the_i2_logits(tmp_path):
+    """The GPU kernels read i2_b128: a 1.6-bit file is repacked tensor by tensor as it is uploaded,
+    and computes exactly what the 2-bit export of the same model does on the GPU."""
+    p = _parity()
+    model = p.make_model({**VARIANTS["odd-shapes"]})
+    i2 = CudaEngine.load(p.export(model, tmp_path / "i2.bitnet", dense_dtype="F16"))
+    t3 = CudaEngine.load(p.export(model, tmp_path / "t3.bitnet", dense_dtype="F16", packing="t3_b160"))
+    assert t3.weight_bytes_per_token == i2.weight_bytes_per_token  # the device reads 2-bit rows either way
+    for seq in p.prompts(model.config.vocab_size, lengths=(3, 12)):
+        np.testing.assert_array_equal(t3.forward(seq), i2.forward(seq))
+
+
+@pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("dense_dtype", ["F32", "F16", "BF16"])
 def test_dense_dtypes_and_hybrid_layers(tmp_path, dense_dtype):
     keep = ["layers.0.mlp.*", "layers.1.self_attn.o_proj"]

@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 
 from bitnet_train.runtime import Engine, _C
-from ternary_ref import pack_i2_b128, random_codes
+from ternary_ref import pack_i2_b128, pack_t3_b160, random_codes
 
 CFG = dict(vocab_size=61, hidden_size=48, intermediate_size=80, num_layers=1, num_heads=4, num_kv_heads=2,
            max_seq_len=16, norm="subln", ffn="swiglu")
 
 
-def random_tensors(cfg=CFG, seed=0, dense=np.float16) -> dict[str, np.ndarray]:
+def random_tensors(cfg=CFG, seed=0, dense=np.float16, packing="i2_b128") -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
+    pack = pack_t3_b160 if packing == "t3_b160" else pack_i2_b128
     d, f, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     hd = d // cfg["num_heads"]
     qd, kvd = cfg["num_heads"] * hd, cfg["num_kv_heads"] * hd
@@ -31,7 +32,7 @@ def random_tensors(cfg=CFG, seed=0, dense=np.float16) -> dict[str, np.ndarray]:
         for name, (o, n) in {"self_attn.q_proj": (qd, d), "self_attn.k_proj": (kvd, d), "self_attn.v_proj": (kvd, d),
                              "self_attn.o_proj": (d, qd), "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d),
                              "mlp.down_proj": (d, f)}.items():
-            t[p + name + ".qweight"] = pack_i2_b128(random_codes(rng, o, n))
+            t[p + name + ".qweight"] = pack(random_codes(rng, o, n))
             t[p + name + ".scale"] = np.array([0.05], np.float32)
     return t
 
@@ -66,6 +67,23 @@ def test_bad_tensors_are_value_errors(mutate, match):
     mutate(t)
     with pytest.raises(ValueError, match=match):
         Engine(CFG, t)
+
+
+def test_t3_b160_tensors_are_used_in_place_and_checked():
+    i2 = Engine(CFG, random_tensors(), {"eps": 1e-5, "packing": "i2_b128"})
+    t = random_tensors(packing="t3_b160")
+    t3 = Engine(CFG, t, {"eps": 1e-5, "packing": "t3_b160"})
+    np.testing.assert_array_equal(t3.forward([[1, 2, 3, 4]]), i2.forward([[1, 2, 3, 4]]))  # same codes, same logits
+    # 48 and 80 inputs: one 32-byte block a row either way; the byte counts agree
+    assert t3.weight_bytes_per_token == i2.weight_bytes_per_token
+    bad = dict(t)
+    q = t["layers.0.mlp.down_proj.qweight"].copy()
+    q[3, 5] = 178  # not an encoding
+    bad["layers.0.mlp.down_proj.qweight"] = q
+    with pytest.raises(ValueError, match=r"'layers.0.mlp.down_proj.qweight' holds the invalid t3_b160 byte 178 at byte 101"):
+        Engine(CFG, bad, {"packing": "t3_b160"})
+    with pytest.raises(ValueError, match="tensors must be packed i2_b128 or t3_b160, got 't3_b5'"):
+        Engine(CFG, t, {"packing": "t3_b5"})
 
 
 def test_bad_config_is_a_value_error():

@@ -106,8 +106,30 @@ def test_hybrid_precision_and_t3_packing(tmp_path):
     seq = prompts(model.config.vocab_size, lengths=(11,))[0]
     want = ref_logits(ref, seq)
     assert_close(Engine.load(ref_path).forward(seq), want, "hybrid i2_b128")
-    t3 = export(model, tmp_path / "t3.bitnet", packing="t3_b5")
+    t3 = export(model, tmp_path / "t3.bitnet", packing="t3_b5")  # a format-version-1 file: repacked at load
     assert_close(Engine.load(t3).forward(seq), want, "hybrid t3_b5")
+    t160 = export(model, tmp_path / "t160.bitnet", packing="t3_b160")
+    assert_close(Engine.load(t160).forward(seq), want, "hybrid t3_b160")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("variant", ["subln-swiglu-gqa", "bitlinear-relu2"])
+def test_t3_b160_file_gives_the_i2_logits_bit_for_bit(tmp_path, isa, variant):
+    """The 1.6-bit file, read in place, computes exactly what the 2-bit one does (integer ternary
+    math, the same dense tensors): prefill, ragged batches and cached decode, on every ISA."""
+    model = make_model(VARIANTS[variant], keep=["layers.1.self_attn.o_proj"])
+    i2 = Engine.load(export(model, tmp_path / "i2.bitnet", dense_dtype="F16"), isa=isa)
+    t3 = Engine.load(export(model, tmp_path / "t3.bitnet", dense_dtype="F16", packing="t3_b160"), isa=isa)
+    assert t3.quant["packing"] == "t3_b160" and t3.isa() == isa  # not repacked
+    seqs = prompts(model.config.vocab_size, lengths=(9, 6, 13))
+    for seq in seqs:
+        np.testing.assert_array_equal(t3.forward(seq), i2.forward(seq))
+    ca, cb = i2.new_cache(n_seqs=3), t3.new_cache(n_seqs=3)
+    np.testing.assert_array_equal(t3.forward([s[:3] for s in seqs], cache=cb, last_only=True),
+                                  i2.forward([s[:3] for s in seqs], cache=ca, last_only=True))
+    for step in range(3, 6):
+        toks = [[int(s[step])] for s in seqs]
+        np.testing.assert_array_equal(t3.forward(toks, cache=cb, last_only=True), i2.forward(toks, cache=ca, last_only=True))
 
 
 def test_kv_cache_decode_matches_full_prefill(tmp_path):

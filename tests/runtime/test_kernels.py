@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from bitnet_train.runtime import _C
-from ternary_ref import act_quant, from_bf16_bits, pack_i2_b128, random_codes, ternary_linear, to_bf16_bits
+from ternary_ref import (act_quant, from_bf16_bits, pack_i2_b128, pack_t3_b160, random_codes, ternary_linear,
+                         to_bf16_bits)
 
 ISAS = _C.available_isas()
 SHAPES = [  # (out, in, rows)
@@ -67,6 +68,54 @@ def test_ternary_matmul_matches_reference(isa, out, n, rows):
     # integer accumulation + the same scale rule: bit-identical across ISAs and to NumPy
     np.testing.assert_array_equal(y, y_scalar)
     np.testing.assert_array_equal(y, ternary_linear(x, codes, s_w))
+
+
+T3_SHAPES = [  # (out, in, rows): in not a multiple of 160, odd row counts, m = 1..17
+    (1, 1, 1), (3, 31, 2), (17, 159, 3), (33, 160, 4), (9, 161, 5), (31, 319, 6), (5, 321, 7), (7, 1000, 8),
+    (11, 481, 9), (3, 2600, 10), (37, 260, 11), (19, 700, 12), (13, 97, 13), (6, 1601, 14), (21, 333, 15),
+    (4, 640, 16), (15, 170, 17),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("out,n,rows", T3_SHAPES)
+def test_t3_b160_matmul_matches_reference_and_i2(isa, out, n, rows):
+    rng = np.random.default_rng(out * 1000 + n + 7)
+    codes = random_codes(rng, out, n)
+    codes[0] = 0
+    x = rng.standard_normal((rows, n)).astype(np.float32)
+    if rows > 2:
+        x[1] = 0.0
+    s_w = np.float32(0.0371)
+    w = pack_t3_b160(codes)
+    y = _C.ternary_matmul(w, s_w, x, 1e-5, isa, 2, packing="t3_b160")
+    # the scalar t3 kernel, the i2_b128 kernel on the same codes and NumPy: all bit-identical
+    np.testing.assert_array_equal(y, _C.ternary_matmul(w, s_w, x, 1e-5, "scalar", 1, packing="t3_b160"))
+    np.testing.assert_array_equal(y, _C.ternary_matmul(pack_i2_b128(codes), s_w, x, 1e-5, isa, 2))
+    np.testing.assert_array_equal(y, ternary_linear(x, codes, s_w))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_t3_b160_extreme_activations(isa):
+    n, out = 160 * 45 + 37, 5
+    codes = np.ones((out, n), np.int8)
+    codes[1] = -1
+    codes[2, ::2] = -1
+    x = np.full((3, n), 1.0, np.float32)
+    x[1] = -1.0
+    x[2, ::2] = -1.0
+    y = _C.ternary_matmul(pack_t3_b160(codes), 1.0, x, 1e-5, isa, 1, packing="t3_b160")
+    np.testing.assert_array_equal(y, ternary_linear(x, codes, 1.0))
+
+
+def test_t3_b160_shape_and_packing_errors():
+    x = np.ones((1, 170), np.float32)
+    with pytest.raises(ValueError, match=r"wrong shape for t3_b160 and in_features 170; expected \(out, 64\)"):
+        _C.ternary_matmul(np.zeros((2, 32), np.uint8), 1.0, x, packing="t3_b160")
+    with pytest.raises(ValueError, match="unknown ternary packing 'i4'"):
+        _C.ternary_matmul(np.zeros((2, 64), np.uint8), 1.0, x, packing="i4")
+    with pytest.raises(ValueError, match="'t3_b5' is not read in place"):
+        _C.ternary_matmul(np.zeros((2, 34), np.uint8), 1.0, x, packing="t3_b5")
 
 
 @pytest.mark.parametrize("isa", ISAS)
