@@ -6,8 +6,10 @@ Arms (all from the same full-precision source, same data, same validation on hel
   full_recipe  SubLN + continued pretraining, then KD + attention relations
                                                              (recipe smollm2_135m_1p58_distill)
   fp_finetune  the same fine-tune in full precision          (smollm2_135m_1p58 with quant=none)
-Not in the default set: plain_qat_no_warmup and qat_kd_no_warmup (no lambda warm-up), and distill_only
-(the full recipe without its CE stage: distillation from the first step).
+Not in the default set: plain_qat_no_warmup and qat_kd_no_warmup (no lambda warm-up), distill_only
+(the full recipe without its CE stage: distillation from the first step), and full_recipe_mix (the full
+recipe with --teacher-fraction of its training blocks from the teacher-written corpus,
+data.teacher_corpus; generated once and cached, the generation is not in its train seconds).
 
 Modes:
   --mode tokens  every arm trains the same number of steps (same tokens): the number of steps
@@ -18,7 +20,9 @@ Seconds per step come from a short probe run of each arm (--probe-steps), unless
 Writes <out>/distill_study.md, .json (val ppl on the held-out plays, tokens, wall time per arm)
 and distill_study.png (val ppl against training tokens, from each run's logs/metrics.csv). Each
 final model is also scored on --test-blocks held-out blocks that validation never reads ("test
-ppl"): settings picked on validation can't flatter that figure. `--rescore DIR` adds it to an
+ppl"): settings picked on validation can't flatter that figure; and on the whole held-out general
+English set (bitnet_train/general_set.py, "general ppl"), beside the full-precision source model's
+figures on the same blocks (the "source" line; --no-source skips it). `--rescore DIR` adds them to an
 earlier study, and `--plot DIR... --out FILE.png` draws several studies in one plot. Finished
 arms' checkpoints are removed unless --keep-checkpoints.
 
@@ -52,11 +56,14 @@ ARMS = {
     "qat_kd_no_warmup": {"recipe": "smollm2_135m_1p58", "extra": ["distill=kd", "quant.lambda_warmup_steps=0"]},
     # the full recipe without its CE stage: SubLN insertion, then KD + attention relations from the first step
     "distill_only": {"recipe": "smollm2_135m_1p58_distill", "extra": ["stages=null"]},
+    # the full recipe, --teacher-fraction of its training blocks from the teacher-written corpus (both stages)
+    "full_recipe_mix": {"recipe": "smollm2_135m_1p58_distill", "extra": [], "staged": True, "teacher_mix": True},
 }
 DEFAULT_ARMS = ["plain_qat", "qat_kd", "full_recipe", "fp_finetune"]
 DEFAULT_BUDGET_MINUTES = 25.0
 TINY_STEPS = 12  # --tiny without --steps or --budget-minutes
 STAGE1_FRACTION = 0.2  # full recipe: continued pretraining share of the steps (as in the recipe); --stage1-fraction
+TEACHER_FRACTION = 0.25  # full_recipe_mix: share of the training blocks from the teacher corpus; --teacher-fraction
 
 
 def parse_args(argv=None):
@@ -84,6 +91,13 @@ def parse_args(argv=None):
     p.add_argument("--test-blocks", type=int, default=64,
                    help="after each arm, score its final model on this many held-out blocks that validation never "
                         "read (the blocks after validation's; 0: skip)")
+    p.add_argument("--teacher-fraction", type=float, default=TEACHER_FRACTION,
+                   help="full_recipe_mix: the share of its training blocks from the teacher-written corpus")
+    p.add_argument("--general-blocks", type=int, default=None,
+                   help="score each final model on the first N blocks of the held-out general English set "
+                        "(default: all of it; 0: skip)")
+    p.add_argument("--no-source", action="store_true",
+                   help="do not score the full-precision source model (the reference line of the report)")
     p.add_argument("--rescore", type=Path, default=None, metavar="DIR",
                    help="train nothing: add the --test-blocks figure to the study in DIR (its distill_study.json) "
                         "and write its report again")
@@ -112,6 +126,10 @@ def parse_args(argv=None):
         p.error("--plot needs --out FILE.png")
     if args.stage1_warmup_steps is not None and args.stage1_warmup_steps < 0:
         p.error(f"--stage1-warmup-steps must be >= 0, got {args.stage1_warmup_steps}")
+    if not 0.0 < args.teacher_fraction < 1.0:
+        p.error(f"--teacher-fraction must be in (0, 1), got {args.teacher_fraction}")
+    if args.general_blocks is not None and args.general_blocks < 0:
+        p.error(f"--general-blocks must be >= 0, got {args.general_blocks}")
     if not 0.0 < args.stage1_fraction < 1.0:
         p.error(f"--stage1-fraction must be in (0, 1), got {args.stage1_fraction}")
     return args
@@ -121,12 +139,14 @@ def parse_args(argv=None):
 
 def arm_overrides(arm: str, steps: int, run_dir: Path, common: list[str], val_every: int,
                   stage1_fraction: float = STAGE1_FRACTION, stage1_lr: float | None = None,
-                  stage1_warmup_steps: int | None = None) -> list[str]:
+                  stage1_warmup_steps: int | None = None, teacher_fraction: float = TEACHER_FRACTION) -> list[str]:
     """The config overrides of one arm: its recipe, `steps` steps in all (the full recipe split in two stages)."""
     spec = ARMS[arm]
     overrides = [f"recipe={spec['recipe']}", *spec["extra"], f"run_dir={run_dir}", *common,
                  f"trainer.val_check_interval={max(1, val_every)}"]
-    if arm != "full_recipe":
+    if spec.get("teacher_mix"):  # after `common`: the arm's own fraction wins
+        overrides.append(f"data.teacher_corpus.fraction={teacher_fraction}")
+    if not spec.get("staged", arm == "full_recipe"):
         return [*overrides, f"trainer.max_steps={steps}"]
     s1 = max(1, round(steps * stage1_fraction))
     s2 = max(1, steps - s1)
@@ -158,6 +178,8 @@ def run_arm(arm: str, steps: int, run_dir: Path, common: list[str], val_every: i
         "wall_seconds": round(wall, 1),
         "val_loss": summary["val_loss"],
         "val_ppl": summary["val_ppl"],
+        "val_general_ppl": summary.get("val_general_ppl"),
+        "teacher_corpus": summary.get("teacher_corpus"),
         "curve": val_curve(run_dir, stages),
         "run_dir": str(run_dir),
     }
@@ -188,37 +210,82 @@ def final_stage_dir(run_dir: Path) -> Path:
     return stages[-1] if stages else run_dir
 
 
-def test_ppl(run_dir: Path, blocks: int, batch: int = 8) -> dict:
+def mean_ce(model, blocks, indices: range, batch: int = 8) -> tuple[float, int]:
+    """(mean next-token CE, target count) of `model` over blocks[i] for i in indices."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(indices.start, indices.stop, batch):
+            xs, ys = zip(*(blocks[i] for i in range(start, min(start + batch, indices.stop))))
+            targets = torch.stack(ys)
+            total += model.loss(torch.stack(xs), targets).item() * targets.numel()  # mean CE -> sum
+            count += targets.numel()
+    return total / count, count
+
+
+def score_model(model, tokenizer, cfg, blocks: int, general_blocks: int | None, val: bool = False) -> dict:
+    """A model's figures under an arm's config: test ppl (the `blocks` held-out blocks after the ones
+    validation reads), general ppl (the general English set's first `general_blocks` blocks, all for None,
+    none for 0) and, with val, the val ppl on the blocks validation reads."""
+    from omegaconf import OmegaConf
+
+    from bitnet_train.data import DataConfig, TextDataModule, general_validation_blocks
+
+    seen = int(cfg.trainer.limit_val_batches) * int(cfg.data.batch_size)
+    data = {**OmegaConf.to_container(cfg.data, resolve=True), "max_val_tokens": None, "general_val": False,
+            "teacher_corpus": {}}
+    dm = TextDataModule(DataConfig(**data, seed=int(cfg.seed)), tokenizer=tokenizer)
+    dm.setup()
+    out = {}
+    if blocks:
+        available = len(dm.val_blocks) - seen
+        if available < blocks:
+            raise SystemExit(f"error: --test-blocks {blocks}: the held-out plays have {len(dm.val_blocks)} blocks and "
+                             f"validation reads the first {seen}, so at most {max(0, available)} are left")
+        ce, count = mean_ce(model, dm.val_blocks, range(seen, seen + blocks))
+        out.update({"test_ppl": math.exp(ce), "test_tokens": count, "test_first_block": seen})
+    if val:
+        ce, count = mean_ce(model, dm.val_blocks, range(min(seen, len(dm.val_blocks))))
+        out["val_ppl"] = math.exp(ce)
+    if general_blocks != 0:
+        general = general_validation_blocks(tokenizer, int(cfg.data.block_size))
+        n = len(general) if general_blocks is None else min(general_blocks, len(general))
+        ce, count = mean_ce(model, general, range(n))
+        out.update({"test_general_ppl": math.exp(ce), "test_general_tokens": count})
+    return out
+
+
+def test_ppl(run_dir: Path, blocks: int, batch: int = 8, general_blocks: int | None = 0) -> dict:
     """Perplexity of an arm's final model on held-out blocks that validation never saw.
 
     Validation (limit_val_batches × data.batch_size blocks) reads the start of the held-out plays; the
     study picks settings on it. These are the next `blocks` blocks of the same plays, read with the
-    arm's own saved config.yaml, so the figure is free of that choice."""
-    import torch
+    arm's own saved config.yaml, so the figure is free of that choice. general_blocks: also score the
+    held-out general English set (score_model)."""
     from omegaconf import OmegaConf
 
-    from bitnet_train.data import DataConfig, TextDataModule
     from bitnet_train.model_dir import load_model_dir
 
     stage = final_stage_dir(run_dir)
     cfg = OmegaConf.load(stage / "config.yaml")
-    seen = int(cfg.trainer.limit_val_batches) * int(cfg.data.batch_size)
-    data = {**OmegaConf.to_container(cfg.data, resolve=True), "max_val_tokens": None}
     model, tokenizer, _ = load_model_dir(stage / "model")
-    dm = TextDataModule(DataConfig(**data, seed=int(cfg.seed)), tokenizer=tokenizer)
-    dm.setup()
-    available = len(dm.val_blocks) - seen
-    if available < blocks:
-        raise SystemExit(f"error: --test-blocks {blocks}: the held-out plays have {len(dm.val_blocks)} blocks and "
-                         f"validation reads the first {seen}, so at most {max(0, available)} are left")
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(seen, seen + blocks, batch):
-            xs, ys = zip(*(dm.val_blocks[i] for i in range(start, min(start + batch, seen + blocks))))
-            targets = torch.stack(ys)
-            total += model.loss(torch.stack(xs), targets).item() * targets.numel()  # mean CE -> sum
-            count += targets.numel()
-    return {"test_ppl": math.exp(total / count), "test_tokens": count, "test_first_block": seen}
+    return score_model(model, tokenizer, cfg, blocks, general_blocks)
+
+
+def source_scores(common: list[str], blocks: int, general_blocks: int | None) -> dict:
+    """The full-precision source model, untrained, scored as the arms are: the report's reference line."""
+    from omegaconf import OmegaConf
+
+    from bitnet_train.config import compose_config
+    from bitnet_train.model import QuantConfig
+    from bitnet_train.train import build_source_model
+
+    cfg = compose_config([f"recipe={ARMS['plain_qat']['recipe']}", *common])
+    model, tokenizer, _ = build_source_model(OmegaConf.to_container(cfg.model, resolve=True), QuantConfig(method="none"))
+    model.eval()
+    return {"arm": "source (full precision, untrained)", **score_model(model, tokenizer, cfg, blocks, general_blocks,
+                                                                      val=True)}
 
 
 def seconds_per_step(arm: str, probe_steps: int, out: Path, common: list[str]) -> float:
@@ -308,22 +375,33 @@ def write_report(results: list[dict], out: Path, meta: dict) -> None:
         f"{meta['val_batches']} batches; command: `{meta['command']}`",
         "",
         f"| arm | steps | tokens | train s | wall s | val ppl | × {base['arm'] if base else 'plain QAT'} | × fp fine-tune "
-        f"| test ppl | test × {base['arm'] if base else 'plain QAT'} |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| test ppl | test × {base['arm'] if base else 'plain QAT'} | general ppl | general × source |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    source = meta.get("source")
 
     def ratio(r: dict, ref: dict | None, key: str) -> str:
         return f"{r[key] / ref[key]:.3f}" if ref and r.get(key) and ref.get(key) else "-"
 
+    def fmt(r: dict, key: str) -> str:
+        return f"{r[key]:.2f}" if r.get(key) else "-"
+
+    if source:
+        lines.append(f"| {source['arm']} | 0 | 0 | - | - | {fmt(source, 'val_ppl')} | - | - | {fmt(source, 'test_ppl')} "
+                     f"| - | {fmt(source, 'test_general_ppl')} | 1.000 |")
     for r in results:
-        test = f"{r['test_ppl']:.2f}" if r.get("test_ppl") else "-"
         lines.append(f"| {r['arm']} | {r['steps']} | {r['tokens']} | {r['train_seconds']} | {r['wall_seconds']} | "
-                     f"{r['val_ppl']:.2f} | {ratio(r, base, 'val_ppl')} | {ratio(r, fp, 'val_ppl')} | {test} | "
-                     f"{ratio(r, base, 'test_ppl')} |")
+                     f"{r['val_ppl']:.2f} | {ratio(r, base, 'val_ppl')} | {ratio(r, fp, 'val_ppl')} | {fmt(r, 'test_ppl')} | "
+                     f"{ratio(r, base, 'test_ppl')} | {fmt(r, 'test_general_ppl')} | "
+                     f"{ratio(r, source, 'test_general_ppl')} |")
     tested = next((r for r in results if r.get("test_ppl")), None)
     if tested:
         lines += ["", f"test: {tested['test_tokens']} tokens of the held-out plays from block {tested['test_first_block']}"
                       " on, which validation never read (settings were picked on validation)"]
+    general = next((r for r in results if r.get("test_general_tokens")), None)
+    if general:
+        lines += ["", f"general: {general['test_general_tokens']} tokens of held-out general English (package "
+                      "documentation, bitnet_train/texts/general_english.txt), which no arm trains on"]
     (out / "distill_study.md").write_text("\n".join(lines) + "\n")
     (out / "distill_study.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print("\n".join(lines))
@@ -376,8 +454,9 @@ def plot_studies(dirs: list[Path], path: Path) -> int:
     return 0
 
 
-def rescore(out: Path, blocks: int) -> int:
-    """--rescore: score every arm of an earlier study on the test blocks, then write its report again."""
+def rescore(out: Path, blocks: int, general_blocks: int | None = None) -> int:
+    """--rescore: score every arm of an earlier study on the test blocks and the general set, then write its
+    report again."""
     try:
         report = json.loads((out / "distill_study.json").read_text())
         results, meta = report["results"], report["meta"]
@@ -387,8 +466,9 @@ def rescore(out: Path, blocks: int) -> int:
         run_dir = Path(r["run_dir"])
         if not (final_stage_dir(run_dir) / "model" / "model.safetensors").is_file():
             raise SystemExit(f"error: --rescore {out}: arm {r['arm']} has no final model under {run_dir}")
-        r.update(test_ppl(run_dir, blocks))
-        print(f"{r['arm']}: test ppl {r['test_ppl']:.2f} over {r['test_tokens']} tokens")
+        r.update(test_ppl(run_dir, blocks, general_blocks=general_blocks))
+        general = f", general ppl {r['test_general_ppl']:.2f}" if r.get("test_general_ppl") else ""
+        print(f"{r['arm']}: test ppl {r['test_ppl']:.2f} over {r['test_tokens']} tokens{general}")
     write_report(results, out, meta)
     return 0
 
@@ -409,7 +489,7 @@ def main(argv=None) -> int:
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     if args.rescore:
-        return rescore(args.rescore, args.test_blocks)
+        return rescore(args.rescore, args.test_blocks, args.general_blocks)
     if args.plot:
         return plot_studies(args.plot, args.out)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -445,10 +525,10 @@ def main(argv=None) -> int:
         print(f"\n##### {a}: {steps[a]} steps")
         r = run_arm(a, steps[a], out / a, common, val_every=max(1, steps[a] // max(1, args.val_points)),
                     stage1_fraction=args.stage1_fraction, stage1_lr=args.stage1_lr,
-                    stage1_warmup_steps=args.stage1_warmup_steps)
+                    stage1_warmup_steps=args.stage1_warmup_steps, teacher_fraction=args.teacher_fraction)
         r["probe_seconds_per_step"] = probes.get(a)
-        if args.test_blocks:
-            r.update(test_ppl(out / a, args.test_blocks))
+        if args.test_blocks or args.general_blocks != 0:
+            r.update(test_ppl(out / a, args.test_blocks, general_blocks=args.general_blocks))
         if not args.keep_checkpoints:
             freed = prune_checkpoints(out / a)
             if freed:
@@ -461,6 +541,8 @@ def main(argv=None) -> int:
             "fixed_steps": args.steps, "stage1_fraction": args.stage1_fraction,
             "stage1_lr": args.stage1_lr, "stage1_warmup_steps": args.stage1_warmup_steps,
             "seconds_per_step_from": [str(p) for p in args.seconds_per_step_from or []] or None,
+            "teacher_fraction": args.teacher_fraction if any(ARMS[a].get("teacher_mix") for a in arms) else None,
+            "source": None if args.no_source else source_scores(common, args.test_blocks, args.general_blocks),
             "val_batches": args.val_batches, "command": " ".join(["python", "bench/distill_study.py", *(argv or sys.argv[1:])])}
     write_report(results, out, meta)
     return 0

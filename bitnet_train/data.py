@@ -13,6 +13,14 @@ Sources:
     one json or parquet row is one document; `val_fraction` of the documents go to validation.
   - "hub": a Hugging Face Hub dataset (opt-in; needs the network or a filled local cache).
 
+Beside the task text (general ability, issue 17):
+  - teacher corpus: `teacher_corpus.fraction` of the training blocks come from text the
+    full-precision teacher wrote (teacher_corpus.py; the caller passes its token stream as
+    `teacher_tokens`): `MixedBlocks`;
+  - general validation: with a validation split, a second validation set of held-out general
+    English (general_set.py: package documentation shipped in the repo, hash-checked), reported as
+    val_general/* beside val/*.
+
 Determinism and resume: the training order depends only on (seed, epoch): `BlockSampler` is a
 `DistributedSampler` (seeded permutation of seed + epoch, then every world_size-th index), so
 Lightning leaves it in place under DDP and calls `set_epoch` each epoch. The training loader is
@@ -43,7 +51,9 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from . import general_set
 from .errors import DataError
+from .teacher_corpus import TeacherCorpusConfig
 from .tokenizer import corpus_hash, load_tokenizer, train_bpe_tokenizer
 
 SOURCES = ("shakespeare", "files", "hub")
@@ -83,8 +93,15 @@ class DataConfig:
     num_workers: int = 0
     seed: int = 1234
     cache_dir: str | None = None  # BPE tokenizers, datasets arrow files, token streams; None = no cache
+    # text written by the full-precision teacher, mixed into train (teacher_corpus.TeacherCorpusConfig)
+    teacher_corpus: TeacherCorpusConfig | dict = field(default_factory=TeacherCorpusConfig)
+    # held-out general English (general_set.py), validated beside the validation split
+    general_val: bool = True
+    max_general_val_tokens: int | None = 16384
 
     def __post_init__(self) -> None:
+        if not isinstance(self.teacher_corpus, TeacherCorpusConfig):
+            self.teacher_corpus = TeacherCorpusConfig.from_dict(self.teacher_corpus)
         _check_choice("source", self.source, SOURCES)
         _check_choice("file_type", self.file_type, FILE_TYPES)
         _check_choice("shakespeare_format", self.shakespeare_format, ("plain", "markdown"))
@@ -362,6 +379,46 @@ class PackedBlocks(Dataset):
         return block[:-1], block[1:]
 
 
+class MixedBlocks(Dataset):
+    """Task blocks, then teacher-corpus blocks, so that `fraction` of all blocks are the teacher's.
+
+    Index i < len(task) is task block i; index len(task) + j is teacher block j mod len(teacher):
+    n_teacher = round(fraction · len(task) / (1 − fraction)) slots, so a small teacher corpus is
+    cycled (each of its blocks appears about n_teacher / len(teacher) times per epoch) and a large
+    one is cut. The sampler permutes all indices, so every batch mixes both in expectation.
+    """
+
+    def __init__(self, task: PackedBlocks, teacher: PackedBlocks, fraction: float):
+        if not 0.0 < fraction < 1.0:
+            raise DataError(f"data.teacher_corpus.fraction must be in (0, 1) to mix, got {fraction}")
+        self.task, self.teacher, self.fraction = task, teacher, fraction
+        self.teacher_slots = max(1, round(fraction * len(task) / (1.0 - fraction)))
+        self.block_size = task.block_size
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """Every token the blocks are cut from (task stream, then teacher stream): the corpus's identity."""
+        return torch.cat([self.task.tokens, self.teacher.tokens])
+
+    @property
+    def teacher_repeats(self) -> float:
+        """How many times per epoch each teacher block appears (< 1: the teacher corpus is cut)."""
+        return self.teacher_slots / len(self.teacher)
+
+    def __len__(self) -> int:
+        return len(self.task) + self.teacher_slots
+
+    def is_teacher(self, index: int) -> bool:
+        return index >= len(self.task)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"block {index} out of range for {len(self)} blocks")
+        if index < len(self.task):
+            return self.task[index]
+        return self.teacher[(index - len(self.task)) % len(self.teacher)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling and resumable loading
 
@@ -464,10 +521,15 @@ class TextDataModule(L.LightningDataModule):
     tokenizer: the model's tokenizer when fine-tuning; required by and only allowed with
         `config.tokenizer == "model"`. Otherwise the config names a tokenizer path or "train_bpe".
     model_vocab_size: when given, `setup()` checks the tokenizer fits the model (`check_vocab`).
-    After `setup()`: `tokenizer`, `vocab_size`, `train_blocks`, `val_blocks` (None without validation).
+    teacher_tokens: the teacher corpus's token stream (teacher_corpus.py), required when
+        `config.teacher_corpus.fraction > 0`; its ids must be this tokenizer's.
+    After `setup()`: `tokenizer`, `vocab_size`, `train_blocks` (PackedBlocks, or MixedBlocks with a
+    teacher corpus), `val_blocks` (None without validation), `general_blocks` (None without
+    validation or with `general_val` off).
     """
 
-    def __init__(self, config: DataConfig, tokenizer: Any = None, model_vocab_size: int | None = None):
+    def __init__(self, config: DataConfig, tokenizer: Any = None, model_vocab_size: int | None = None,
+                 teacher_tokens: np.ndarray | None = None):
         super().__init__()
         if (config.tokenizer == "model") != (tokenizer is not None):
             raise DataError(
@@ -479,8 +541,10 @@ class TextDataModule(L.LightningDataModule):
         self.config = config
         self.model_vocab_size = model_vocab_size
         self.tokenizer = tokenizer
-        self.train_blocks: PackedBlocks | None = None
+        self.teacher_tokens = teacher_tokens
+        self.train_blocks: PackedBlocks | MixedBlocks | None = None
         self.val_blocks: PackedBlocks | None = None
+        self.general_blocks: PackedBlocks | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -496,9 +560,9 @@ class TextDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_blocks is None:
-            self.tokenizer, self.train_blocks, self.val_blocks = self._build()
+            self.tokenizer, self.train_blocks, self.val_blocks, self.general_blocks = self._build()
 
-    def _build(self) -> tuple[Any, PackedBlocks, PackedBlocks | None]:
+    def _build(self) -> tuple[Any, PackedBlocks | MixedBlocks, PackedBlocks | None, PackedBlocks | None]:
         cfg = self.config
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir is not None else None
         with _datasets_cache(cfg.cache_dir) as datasets_cache:
@@ -511,11 +575,28 @@ class TextDataModule(L.LightningDataModule):
             if len(train_tokens) == 0:
                 raise DataError(f"empty corpus: the train split of source {cfg.source!r} has no tokens")
             train_blocks = PackedBlocks(train_tokens, cfg.block_size, split="train")
-            val_blocks = None
+            if cfg.teacher_corpus.fraction > 0:
+                train_blocks = self._mix_teacher_corpus(train_blocks, tokenizer)
+            val_blocks = general_blocks = None
             if val_docs is not None:
                 val_tokens = token_stream(val_docs, tokenizer, cache_dir, corpus_hash(iter_texts(val_docs)))
                 val_blocks = PackedBlocks(val_tokens[: _limit(cfg.max_val_tokens)], cfg.block_size, split="validation")
-        return tokenizer, train_blocks, val_blocks
+                if cfg.general_val:
+                    general_blocks = general_validation_blocks(tokenizer, cfg.block_size, cache_dir,
+                                                               cfg.max_general_val_tokens)
+        return tokenizer, train_blocks, val_blocks, general_blocks
+
+    def _mix_teacher_corpus(self, task: PackedBlocks, tokenizer: Any) -> MixedBlocks:
+        tokens = self.teacher_tokens
+        if tokens is None:
+            raise DataError("data.teacher_corpus.fraction > 0 needs the teacher corpus's tokens "
+                            "(TextDataModule(..., teacher_tokens=...); a training run generates them)")
+        tokens = np.asarray(tokens, dtype=np.int32)
+        if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= len(tokenizer)):
+            raise DataError(f"the teacher corpus has token ids outside the tokenizer's {len(tokenizer)} "
+                            f"(min {int(tokens.min())}, max {int(tokens.max())}): made with another tokenizer")
+        teacher = PackedBlocks(tokens, self.config.block_size, split="teacher corpus")
+        return MixedBlocks(task, teacher, self.config.teacher_corpus.fraction)
 
     def _make_tokenizer(self, train_docs: datasets.Dataset, train_hash: str, cache_dir: Path | None) -> Any:
         spec = self.config.tokenizer
@@ -548,9 +629,15 @@ class TextDataModule(L.LightningDataModule):
         return ResumableDataLoader(blocks, **self._loader_options(sampler), drop_last=True)
 
     def val_dataloader(self) -> DataLoader | list:
+        """The validation split's loader, or [it, the general set's] (dataloader_idx 0 and 1)."""
         if self.val_blocks is None and self.train_blocks is not None:
             return []  # no validation split: Lightning skips validation
-        blocks = self._blocks("validation")
+        loaders = [self._eval_loader(self._blocks("validation"))]
+        if self.general_blocks is not None:
+            loaders.append(self._eval_loader(self.general_blocks))
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    def _eval_loader(self, blocks: PackedBlocks) -> DataLoader:
         num_replicas, rank = self._replicas()
         sampler = BlockSampler(blocks, num_replicas, rank, self.config.seed, shuffle=False)
         return DataLoader(blocks, **self._loader_options(sampler), drop_last=False)
@@ -570,6 +657,15 @@ class TextDataModule(L.LightningDataModule):
             "persistent_workers": workers > 0,
             "pin_memory": torch.cuda.is_available(),
         }
+
+
+def general_validation_blocks(tokenizer: Any, block_size: int, cache_dir: Path | None = None,
+                              max_tokens: int | None = None) -> PackedBlocks:
+    """The held-out general English set (general_set.py, hash-checked) as blocks of this tokenizer."""
+    docs = general_set.load_documents()
+    ds = datasets.Dataset.from_dict({"text": docs})
+    tokens = token_stream(ds, tokenizer, cache_dir, corpus_hash(docs))
+    return PackedBlocks(tokens[: _limit(max_tokens)], block_size, split="general validation")
 
 
 def _limit(max_tokens: int | None) -> int | None:

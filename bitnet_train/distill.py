@@ -222,6 +222,10 @@ def check_teacher_fits(teacher: BitNetModel, student: BitNetModel, teacher_token
     tv, sv = teacher.config.vocab_size, student.config.vocab_size
     if tv != sv:
         raise DistillError(f"the teacher's vocabulary differs from the student's: teacher vocab_size {tv} vs student {sv}")
+    check_tokenizers_match(teacher_tokenizer, student_tokenizer)
+
+
+def check_tokenizers_match(teacher_tokenizer, student_tokenizer) -> None:
     if teacher_tokenizer is not None and student_tokenizer is not None:
         t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
         if t_vocab != s_vocab:
@@ -234,15 +238,13 @@ def check_teacher_fits(teacher: BitNetModel, student: BitNetModel, teacher_token
             )
 
 
-def build_teacher(cfg: DistillConfig, model_source: dict, student: BitNetModel, student_tokenizer,
-                  load_source: Callable) -> BitNetModel:
-    """The frozen full-precision teacher, checked against the student.
+def load_teacher(cfg: DistillConfig, model_source: dict, max_seq_len: int, load_source: Callable):
+    """-> (the frozen full-precision teacher, its tokenizer), unchecked (build_teacher checks it).
 
-    model_source: the run's `model` config (init_from, gguf_file, max_seq_len); cfg.teacher, when
-    set, replaces its init_from / gguf_file. load_source(spec, QuantConfig) -> (model, tokenizer,
-    info) is train.build_source_model (injected: the teacher loads exactly as a run's source does,
-    with its own norms, at quant none).
-    """
+    model_source: the run's `model` config (init_from, gguf_file); cfg.teacher, when set, replaces its
+    init_from / gguf_file. load_source(spec, QuantConfig) -> (model, tokenizer, info) is
+    train.build_source_model (injected: the teacher loads exactly as a run's source does, with its
+    own norms, at quant none)."""
     init_from = cfg.teacher or model_source.get("init_from")
     if not init_from:
         raise ConfigError("distillation needs a teacher: set distill.teacher=PATH (or model.init_from) "
@@ -250,11 +252,23 @@ def build_teacher(cfg: DistillConfig, model_source: dict, student: BitNetModel, 
     spec = {
         "init_from": init_from,
         "gguf_file": cfg.teacher_gguf_file if cfg.teacher else model_source.get("gguf_file"),
-        "max_seq_len": student.config.max_seq_len,
+        "max_seq_len": max_seq_len,
     }
     teacher, tokenizer, _ = load_source(spec, QuantConfig(method="none"))
+    return freeze_teacher(teacher, cfg.teacher_dtype), tokenizer
+
+
+def build_teacher(cfg: DistillConfig, model_source: dict, student: BitNetModel, student_tokenizer,
+                  load_source: Callable, loaded: tuple | None = None) -> BitNetModel:
+    """The frozen full-precision teacher (load_teacher), checked against the student.
+
+    loaded: (teacher, tokenizer) that load_teacher gave earlier in the run (the teacher corpus needs
+    the same teacher before the student exists), instead of loading it again."""
+    if loaded is not None and loaded[0].config.max_seq_len < student.config.max_seq_len:
+        loaded = None  # its RoPE tables are too short for the student's sequences
+    teacher, tokenizer = loaded or load_teacher(cfg, model_source, student.config.max_seq_len, load_source)
     check_teacher_fits(teacher, student, tokenizer, student_tokenizer)
-    return freeze_teacher(teacher, cfg.teacher_dtype)
+    return teacher
 
 
 def freeze_teacher(teacher: BitNetModel, dtype: str = "float32") -> BitNetModel:
@@ -270,7 +284,7 @@ def model_fingerprint(model: nn.Module) -> str:
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too (lam)
     return digest.hexdigest()[:20]
 
 
@@ -435,8 +449,8 @@ class DistillLM(BitNetLM):
         if self._trainer is not None:  # also usable in a plain loop (tests, benches)
             self.log(name, value)
 
-    def validation_step(self, batch, batch_idx):
-        loss = super().validation_step(batch, batch_idx)
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        loss = super().validation_step(batch, batch_idx, dataloader_idx)
         for c in (self._student_capture, self._teacher_capture):
             if c is not None:
                 c.take()  # drop what the validation forward captured

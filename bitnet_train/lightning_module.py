@@ -71,16 +71,22 @@ class BitNetLM(L.LightningModule):
                 )
             self.log("train/grad_norm", norm)
 
-    def validation_step(self, batch, batch_idx):
+    # validation dataloader index -> metric prefix: the validation split, then the held-out general
+    # English set when the data module has one (data.TextDataModule.val_dataloader)
+    VAL_PREFIXES = ("val", "val_general")
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
         x, y = batch
         loss = self.model.loss(x, y)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        prefix = self.VAL_PREFIXES[dataloader_idx]
+        self.log(f"{prefix}/loss", loss, prog_bar=True, sync_dist=True, add_dataloader_idx=False)
         return loss
 
     def on_validation_epoch_end(self):
-        loss = self.trainer.callback_metrics.get("val/loss")
-        if loss is not None:
-            self.log("val/ppl", math.exp(min(float(loss), 50.0)), sync_dist=True)
+        for prefix in self.VAL_PREFIXES:
+            loss = self.trainer.callback_metrics.get(f"{prefix}/loss")
+            if loss is not None:
+                self.log(f"{prefix}/ppl", math.exp(min(float(loss), 50.0)), sync_dist=True)
 
     def _current_lambda(self) -> float:
         for m in self.model.bitlinear_modules().values():

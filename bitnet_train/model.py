@@ -126,6 +126,42 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+class KVCache:
+    """Keys and values of the positions seen so far, for incremental decoding (no training).
+
+    One (k, v) pair of buffers per layer, each (B, n_kv, max_len, head_dim), after RoPE. A forward
+    with the cache (`BitNetModel.forward(idx, cache=...)`) runs its T new positions against the
+    `length` cached ones and appends them. Every per-token op (BitLinear's per-token activation
+    scale, RMSNorm, RoPE) sees the same values as in a full forward, so incremental logits equal
+    full-sequence logits up to float summation order (tests/test_teacher_corpus.py).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
+                 dtype: torch.dtype = torch.float32, device=None):
+        self.max_len = max_len or cfg.max_seq_len
+        if not 0 < self.max_len <= cfg.max_seq_len:
+            raise ValueError(f"KV cache length {self.max_len} must be in 1..max_seq_len {cfg.max_seq_len}")
+        shape = (batch_size, cfg.num_kv_heads, self.max_len, cfg.head_dim)
+        self.layers = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                       for _ in range(cfg.num_layers)]
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0][0].shape[0]
+
+    def repeat_rows(self, n: int) -> "KVCache":
+        """Each row repeated n times (B -> B·n): a prompt prefilled once, then sampled n ways."""
+        out = object.__new__(KVCache)
+        out.max_len, out.length = self.max_len, self.length
+        out.layers = [(k.repeat_interleave(n, dim=0), v.repeat_interleave(n, dim=0)) for k, v in self.layers]
+        return out
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop the rows not in `rows` (indices, in the order kept): finished sequences stop costing compute."""
+        self.layers = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.layers]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, prefix: str, linear: LinearFactory):
         super().__init__()
@@ -142,7 +178,9 @@ class Attention(nn.Module):
         # SubLN: a norm on the attention output, before o_proj (BitNet b1.58 2B4T layout).
         self.attn_sub_norm = RMSNorm(self.n_head * self.hd, cfg.rms_norm_eps) if cfg.norm == "subln" else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
+        """x (B, T, d); cos/sin (T, hd) for positions start..start+T-1; kv: this layer's KVCache buffers."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.hd)  # (B, T, n_head, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd)  # (B, T, n_kv, hd)
@@ -151,11 +189,27 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.n_kv != self.n_head:
-            rep = self.n_head // self.n_kv
-            k = k.repeat_interleave(rep, dim=1)  # (B, n_head, T, hd)
-            v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, n_head, T, hd)
+        mask, causal = None, True
+        if kv is not None:
+            k_buf, v_buf = kv  # (B, n_kv, max_len, hd)
+            k_buf[:, :, start : start + T] = k
+            v_buf[:, :, start : start + T] = v
+            k, v = k_buf[:, :, : start + T], v_buf[:, :, : start + T]  # (B, n_kv, start+T, hd)
+            if start > 0:
+                causal = False
+                if T > 1:  # query i (position start+i) sees keys 0..start+i
+                    mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        rep = self.n_head // self.n_kv
+        if kv is not None and T == 1 and rep > 1:
+            # one decode position: the rep query heads that share a kv head attend to it as rep
+            # queries of one head, instead of copying the whole cache rep times (repeat_interleave)
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, rep, self.hd), k, v)  # (B, n_kv, rep, hd)
+            y = y.reshape(B, self.n_head, 1, self.hd)
+        else:
+            if rep > 1:
+                k = k.repeat_interleave(rep, dim=1)  # (B, n_head, T, hd)
+                v = v.repeat_interleave(rep, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, n_head, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)
         if self.attn_sub_norm is not None:
             y = self.attn_sub_norm(y)
@@ -189,8 +243,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, f"layers.{idx}.mlp", linear)
 
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x, cos, sin, kv=None, start: int = 0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -221,15 +275,23 @@ class BitNetModel(nn.Module):
         if self.config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx: (B, T) token ids -> logits (B, T, vocab)."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, vocab).
+
+        cache: incremental decoding: idx holds the T positions after the cache's `length` ones;
+        they are appended to the cache."""
         T = idx.shape[1]
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+        start = cache.length if cache is not None else 0
+        limit = cache.max_len if cache is not None else self.config.max_seq_len
+        if start + T > limit:
+            what = "the KV cache's length" if cache is not None else "max_seq_len"
+            raise ValueError(f"sequence length {start + T} exceeds {what} {limit}")
         x = self.embed_tokens(idx)  # (B, T, d)
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        for block in self.layers:
-            x = block(x, cos, sin)
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, cache.layers[i] if cache is not None else None, start)
+        if cache is not None:
+            cache.length = start + T
         return self.lm_head(self.norm(x))
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -293,10 +293,19 @@ def _run_single(cfg: DictConfig) -> dict:
     if source_model is not None:  # an HF bitnet import adds the linears its checkpoint keeps dense
         qcfg = source_model.quant_config
     dcfg = _checked(lambda: DataConfig(**_as_dict(cfg.data), seed=int(cfg.seed)), "data")
-    dm = TextDataModule(dcfg, tokenizer=tokenizer)
+    distill = _checked(lambda: DistillConfig.from_dict(_as_dict(cfg.get("distill"))), "distill")
+    corpus_teacher = teacher_tokens = None
+    if dcfg.teacher_corpus.fraction > 0:
+        max_seq_len = source_model.config.max_seq_len if source_model is not None else int(mcfg_raw["max_seq_len"])
+        corpus_teacher, teacher_tokens = _teacher_corpus(dcfg, distill, mcfg_raw, tokenizer, max_seq_len)
+    dm = TextDataModule(dcfg, tokenizer=tokenizer, teacher_tokens=teacher_tokens)
     dm.prepare_data()
     dm.setup("fit")
     tokenizer = dm.tokenizer
+    if teacher_tokens is not None:
+        b = dm.train_blocks
+        print(f"train blocks: {len(b.task):,} task + {b.teacher_slots:,} teacher corpus ({b.fraction:.0%}; "
+              f"{len(b.teacher):,} distinct teacher blocks, each {b.teacher_repeats:.2f}x per epoch)")
 
     if source_model is not None:
         model_cfg = source_model.config
@@ -310,7 +319,6 @@ def _run_single(cfg: DictConfig) -> dict:
         raise ConfigError(
             f"data.block_size {dcfg.block_size} is larger than model.max_seq_len {model_cfg.max_seq_len}"
         )
-    distill = _checked(lambda: DistillConfig.from_dict(_as_dict(cfg.get("distill"))), "distill")
 
     run_dir = resolve_run_dir(cfg)
     resume = resolve_resume(cfg, run_dir)
@@ -327,12 +335,13 @@ def _run_single(cfg: DictConfig) -> dict:
         lm.model.load_state_dict(source_model.state_dict())
     del source_model
     if distill.needs_teacher:
-        teacher = build_teacher(distill, mcfg_raw, lm.model, tokenizer, build_source_model)
+        teacher = build_teacher(distill, mcfg_raw, lm.model, tokenizer, build_source_model, loaded=corpus_teacher)
         cache = None
         if distill.topk_cache_dir:
             cache = TopKLogitCache(distill.topk_cache_dir, teacher=model_fingerprint(teacher),
                                    corpus=corpus_fingerprint(dm.train_blocks.tokens, dcfg.block_size), topk=distill.topk)
         lm.attach_teacher(teacher, cache)
+    del corpus_teacher  # the corpus is written; a distillation teacher is held by lm
 
     # From here on the run directory exists.
     os.environ.setdefault(RUN_DIR_ENV, str(run_dir))
@@ -348,7 +357,8 @@ def _run_single(cfg: DictConfig) -> dict:
     if not trainer.is_global_zero:
         return {}
 
-    val_loss = float(val[0]["val/loss"]) if val else float("nan")
+    val_loss = _validated(val, "val/loss")
+    general_loss = _validated(val, "val_general/loss")
     tokens = trainer.global_step * dcfg.batch_size * dcfg.block_size * trainer.world_size * trainer.accumulate_grad_batches
     provenance = {
         **provenance,
@@ -363,6 +373,10 @@ def _run_single(cfg: DictConfig) -> dict:
         "quant": qcfg.method,
         "val_loss": round(val_loss, 4),
         "val_ppl": round(math.exp(min(val_loss, 50.0)), 3),
+        **({"val_general_loss": round(general_loss, 4), "val_general_ppl": round(math.exp(min(general_loss, 50.0)), 3)}
+           if not math.isnan(general_loss) else {}),
+        **({"teacher_corpus": {"fraction": dcfg.teacher_corpus.fraction, "tokens": len(teacher_tokens)}}
+           if teacher_tokens is not None else {}),
         "steps": trainer.global_step,
         "tokens": tokens,
         "train_seconds": round(train_seconds, 1),
@@ -373,6 +387,27 @@ def _run_single(cfg: DictConfig) -> dict:
     if cfg.sample_prompt:
         print("\n--- sample ---\n" + _sample(lm.model, tokenizer, cfg.sample_prompt, int(cfg.sample_tokens), int(cfg.seed)))
     return summary
+
+
+def _validated(results: list[dict], key: str) -> float:
+    """A metric from trainer.validate's list (one dict per validation dataloader); nan when absent."""
+    return next((float(r[key]) for r in results or [] if key in r), float("nan"))
+
+
+def _teacher_corpus(dcfg, distill: DistillConfig, mcfg_raw: dict, tokenizer, max_seq_len: int):
+    """-> ((teacher, its tokenizer), the teacher corpus's tokens): the distillation teacher (distill.teacher,
+    else the run's source model, at quant none) writes the corpus, or its cache gives it."""
+    from .distill import check_tokenizers_match, load_teacher
+    from .teacher_corpus import teacher_corpus_tokens
+
+    if tokenizer is None:
+        raise ConfigError("data.teacher_corpus.fraction > 0 needs the teacher's tokenizer: fine-tune a model "
+                          "(model.init_from) with data.tokenizer=model")
+    teacher, teacher_tokenizer = load_teacher(distill, mcfg_raw, max_seq_len, build_source_model)
+    check_tokenizers_match(teacher_tokenizer, tokenizer)
+    tc = dcfg.teacher_corpus
+    root = tc.dir or (str(Path(dcfg.cache_dir) / "teacher_corpus") if dcfg.cache_dir else None)
+    return (teacher, teacher_tokenizer), teacher_corpus_tokens(tc, root, teacher, tokenizer)
 
 
 def _make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
@@ -460,9 +495,10 @@ def _record_and_report(summary: dict, run_dir: Path) -> None:
     for r in rows:
         if r.get("recipe") == summary["recipe"]:
             latest[r["quant"]] = r
-    print(f"\n{'recipe':<26}{'quant':<8}{'val ppl':>10}{'tokens':>12}{'train s':>10}")
+    print(f"\n{'recipe':<26}{'quant':<8}{'val ppl':>10}{'general ppl':>13}{'tokens':>12}{'train s':>10}")
     for q, r in sorted(latest.items()):
-        print(f"{r['recipe']:<26}{q:<8}{r['val_ppl']:>10.2f}{r['tokens']:>12}{r['train_seconds']:>10.1f}")
+        general = f"{r['val_general_ppl']:>13.2f}" if r.get("val_general_ppl") is not None else f"{'-':>13}"
+        print(f"{r['recipe']:<26}{q:<8}{r['val_ppl']:>10.2f}{general}{r['tokens']:>12}{r['train_seconds']:>10.1f}")
     print(f"model written to {run_dir / 'model'}")
 
 

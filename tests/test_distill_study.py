@@ -35,6 +35,13 @@ def test_tiny_study_runs_every_arm_for_a_few_steps(study, tmp_path, monkeypatch,
     assert all(r["test_ppl"] > 1 and r["test_first_block"] == 16 and r["test_tokens"] == 64 * 64
                for r in report["results"])
     assert "test ppl" in (tmp_path / "s" / "distill_study.md").read_text()
+    # ... and on the whole general English set, beside the untrained source model on the same blocks
+    assert all(r["test_general_ppl"] > 1 and r["val_general_ppl"] > 1 for r in report["results"])
+    assert len({r["test_general_tokens"] for r in report["results"]}) == 1
+    source = report["meta"]["source"]
+    assert source["test_general_tokens"] == report["results"][0]["test_general_tokens"]
+    assert source["val_ppl"] > 1 and source["test_first_block"] == 16
+    assert "general × source" in (tmp_path / "s" / "distill_study.md").read_text()
     # --rescore scores the saved models again, here on fewer blocks, and rewrites the report
     assert study.main(["--rescore", str(tmp_path / "s"), "--test-blocks", "8", "--threads", "1"]) == 0
     torch.set_num_threads(threads)
@@ -153,3 +160,16 @@ def test_default_split_is_the_recipes(study):
     steps = [s.trainer.max_steps for s in cfg.stages]
     assert sum(steps) == cfg.trainer.max_steps
     assert steps[0] / sum(steps) == study.STAGE1_FRACTION
+
+
+def test_the_teacher_mix_arm_is_the_staged_recipe_with_its_own_fraction(study, tmp_path):
+    from bitnet_train.config import compose_config
+
+    common = ["data.teacher_corpus.fraction=0.9"]  # an override for every arm does not change the arm's own
+    cfg = compose_config(study.arm_overrides("full_recipe_mix", 30, tmp_path / "m", common, val_every=6,
+                                             teacher_fraction=0.4))
+    assert cfg.data.teacher_corpus.fraction == 0.4 and [s.trainer.max_steps for s in cfg.stages] == [6, 24]
+    plain = compose_config(study.arm_overrides("full_recipe", 30, tmp_path / "f", [], val_every=6))
+    assert plain.data.teacher_corpus.fraction == 0.0
+    with pytest.raises(SystemExit):
+        study.parse_args(["--teacher-fraction", "1"])
