@@ -312,11 +312,7 @@ def model_config_from_hf(
     if rotary_fraction != 1.0:
         raise BitNetError(f"{source}: partial_rotary_factor {rotary_fraction} is not supported (expected 1.0)")
 
-    seq_len = int(hf_config.max_position_embeddings)
-    if max_seq_len is not None:
-        if max_seq_len <= 0:
-            raise BitNetError(f"max_seq_len must be positive, got {max_seq_len}")
-        seq_len = min(seq_len, int(max_seq_len))
+    seq_len = capped_seq_len(hf_config, max_seq_len)
     window = getattr(hf_config, "sliding_window", None)
     layer_types = getattr(hf_config, "layer_types", None) or []
     sliding = model_type == "mistral" or "sliding_attention" in layer_types
@@ -327,6 +323,13 @@ def model_config_from_hf(
         )
 
     ffn = ffn if ffn is not None else _ffn_of_activation(act)
+    return hf_model_config(hf_config, seq_len=seq_len, rope_theta=rope_theta, norm=norm, ffn=ffn, qkv_bias=qkv_bias,
+                           qk_norm=qk_norm, source=source)
+
+
+def hf_model_config(hf_config, *, seq_len: int, rope_theta: float, source: str, **arch) -> ModelConfig:
+    """The ModelConfig of an HF config's sizes (heads, GQA, head_dim, eps, tied embeddings) plus the
+    architecture choices `arch` (norm, ffn, qkv_bias, qk_norm); BitNetError for sizes that do not fit."""
     num_heads = int(hf_config.num_attention_heads)
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
     try:
@@ -342,13 +345,20 @@ def model_config_from_hf(
             rope_theta=rope_theta,
             rms_norm_eps=float(hf_config.rms_norm_eps),
             tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-            norm=norm,
-            ffn=ffn,
-            qkv_bias=qkv_bias,
-            qk_norm=qk_norm,
+            **arch,
         )
     except ValueError as e:
         raise BitNetError(f"{source}: config does not give a valid model: {e}") from None
+
+
+def capped_seq_len(hf_config, max_seq_len: int | None) -> int:
+    """max_position_embeddings, capped at max_seq_len (which must be positive) when given."""
+    seq_len = int(hf_config.max_position_embeddings)
+    if max_seq_len is not None:
+        if max_seq_len <= 0:
+            raise BitNetError(f"max_seq_len must be positive, got {max_seq_len}")
+        seq_len = min(seq_len, int(max_seq_len))
+    return seq_len
 
 
 def _ffn_of_activation(hidden_act: str) -> str:

@@ -172,7 +172,7 @@ def bitnet_model_config(hf_config, q: HFBitNetQuant, *, norm: str | None = None,
                         max_seq_len: int | None = None, source: str = "checkpoint") -> ModelConfig:
     """ModelConfig of a ternary HF checkpoint. norm: None or the checkpoint's own; ffn: None = the
     checkpoint's (another changes the function)."""
-    from .importers import FAMILY_FEATURES, _rope_settings
+    from .importers import FAMILY_FEATURES, _rope_settings, capped_seq_len, hf_model_config
 
     model_type = hf_config.model_type
     qkv_bias, qk_norm = FAMILY_FEATURES.get(model_type, (False, False))
@@ -205,31 +205,9 @@ def bitnet_model_config(hf_config, q: HFBitNetQuant, *, norm: str | None = None,
         raise BitNetError(f"{source}: RoPE scaling type {rope_type!r} is not implemented (expected plain RoPE)")
     if rotary_fraction != 1.0:
         raise BitNetError(f"{source}: partial_rotary_factor {rotary_fraction} is not supported (expected 1.0)")
-    seq_len = int(hf_config.max_position_embeddings)
-    if max_seq_len is not None:
-        if max_seq_len <= 0:
-            raise BitNetError(f"max_seq_len must be positive, got {max_seq_len}")
-        seq_len = min(seq_len, int(max_seq_len))
-    try:
-        return ModelConfig(
-            vocab_size=int(hf_config.vocab_size),
-            hidden_size=int(hf_config.hidden_size),
-            intermediate_size=int(hf_config.intermediate_size),
-            num_layers=int(hf_config.num_hidden_layers),
-            num_heads=num_heads,
-            num_kv_heads=int(getattr(hf_config, "num_key_value_heads", None) or num_heads),
-            head_dim=head_dim,
-            max_seq_len=seq_len,
-            rope_theta=rope_theta,
-            rms_norm_eps=float(hf_config.rms_norm_eps),
-            tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-            norm=own_norm,
-            ffn=ffn if ffn is not None else own_ffn,
-            qkv_bias=qkv_bias,
-            qk_norm=qk_norm,
-        )
-    except ValueError as e:
-        raise BitNetError(f"{source}: config does not give a valid model: {e}") from None
+    return hf_model_config(hf_config, seq_len=capped_seq_len(hf_config, max_seq_len), rope_theta=rope_theta,
+                           source=source, norm=own_norm, ffn=ffn if ffn is not None else own_ffn, qkv_bias=qkv_bias,
+                           qk_norm=qk_norm)
 
 
 def checkpoint_ffn(hf_config, source: str = "checkpoint") -> str:
