@@ -66,7 +66,6 @@ template is `tokenizer.chat_template`.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import struct
 from dataclasses import dataclass
@@ -79,6 +78,7 @@ from .errors import CheckpointError
 from .model import ModelConfig, QuantConfig
 from .quant import EPS, ternary_master_weight
 from .tensor_files import LazyCheckpoint, LazyTensor, meta_model
+from .tensor_files import sha256_file as _sha256_file  # the name the importers share
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)  # v1 counted in 32 bits; llama.cpp no longer reads it
@@ -772,9 +772,3 @@ def gguf_tokenizer(f: GGUFFile):
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -28,7 +28,6 @@ Nothing here downloads: every transformers call is `local_files_only`.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import json
 import os
@@ -40,6 +39,7 @@ import torch
 from .errors import BitNetError
 from .model import BitNetModel, ModelConfig, QuantConfig
 from .model_dir import read_config_json
+from .tensor_files import sha256_file as _sha256_file
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -502,9 +502,3 @@ def _load_tokenizer(path: Path, gguf_file: str | None):
     return tokenizer
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):  # streamed: weight files can be tens of GB
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -21,6 +21,7 @@ quantizes one tensor at a time from the same dict without building one.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import math
 import mmap
@@ -267,3 +268,12 @@ def meta_model(cfg, quant):
 
     with torch.device("meta"):
         return BitNetModel(cfg, quant)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks (weight files can be tens of GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()

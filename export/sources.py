@@ -25,7 +25,7 @@ from ..errors import CheckpointError
 from ..model import ModelConfig, QuantConfig
 from ..model_dir import FORMAT_NAME as MODEL_DIR_FORMAT
 from ..model_dir import read_model_dir_config
-from ..tensor_files import LazyCheckpoint, SafetensorsFile, mapped_checkpoint
+from ..tensor_files import LazyCheckpoint, SafetensorsFile, mapped_checkpoint, sha256_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -40,12 +40,6 @@ class Source:
     provenance: dict = field(default_factory=dict)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_tokenizer_dir(path: Path) -> tuple[str | None, dict]:
