@@ -76,5 +76,23 @@ int main(int argc, char** argv) {
                   out * in * m / s * 1e-9, wd.size() * 2 / s * 1e-9);
     }
   }
+  // Decode attention: one query row over `len` fp16 cached positions (what a decode step runs per
+  // head); GMAC/s counts q.k and p.v, "KV GB/s" the fp16 keys and values read.
+  std::printf("\n%-8s %8s %6s %6s %12s %12s\n", "isa", "attn f16", "hd", "len", "GMAC/s", "KV GB/s");
+  for (const std::string& isa : available_isas()) {
+    const KernelTable& kt = select_kernels(isa);
+    for (int64_t hd : {64, 96, 128})
+      for (int64_t len : {160, 1024}) {
+        std::vector<float> q(static_cast<size_t>(hd)), p(static_cast<size_t>(len)), o(static_cast<size_t>(hd));
+        std::vector<uint16_t> K(static_cast<size_t>(len * hd)), V(K.size());
+        for (auto& v : q) v = 0.1f * static_cast<float>(rng() % 21) - 1.0f;
+        for (auto& h : K) h = static_cast<uint16_t>(0x3000 + (rng() & 0x3ff));
+        for (auto& h : V) h = static_cast<uint16_t>(0x3000 + (rng() & 0x3ff));
+        const double s = seconds_per_call(
+            [&] { kt.attend_f16(q.data(), K.data(), V.data(), len, hd, 0.1f, p.data(), o.data()); }, 0.2);
+        std::printf("%-8s %8s %6lld %6lld %12.2f %12.2f\n", isa.c_str(), "", static_cast<long long>(hd),
+                    static_cast<long long>(len), 2.0 * len * hd / s * 1e-9, 4.0 * len * hd / s * 1e-9);
+      }
+  }
   return 0;
 }

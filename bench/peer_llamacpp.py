@@ -33,14 +33,37 @@ def llamacpp_speed(gguf: Path, threads: int, prefill: int, decode: int) -> dict:
     m.reset()
     m.eval(prompt[:8])  # warm-up
     m.reset()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     m.eval(prompt)
-    t_prefill = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t_prefill, c_prefill = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in range(decode):
         m.eval([prompt[i % prefill]])
-    t_decode = time.perf_counter() - t0
-    return {"prefill_tok_s": round(prefill / t_prefill, 2), "decode_tok_s": round(decode / t_decode, 2)}
+    t_decode, c_decode = time.perf_counter() - t0, time.process_time() - c0
+    return {"prefill_tok_s": round(prefill / t_prefill, 2), "decode_tok_s": round(decode / t_decode, 2),
+            "prefill_core_ms_per_token": round(c_prefill / prefill * 1e3, 3),
+            "decode_core_ms_per_token": round(c_decode / decode * 1e3, 3)}
+
+
+def gguf_bytes_per_token(gguf: Path, prefill: int, decode: int) -> int:
+    """Bytes one llama.cpp decode step reads: every tensor but the input embedding (one row of it;
+    a tied embedding is read whole as the output head) plus its fp16 KV cache at the mean context."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(gguf))
+    names = {t.name for t in r.tensors}
+    tied = "output.weight" not in names
+    total = 0
+    for t in r.tensors:
+        if t.name == "token_embd.weight" and not tied:
+            total += int(t.n_bytes) // int(t.shape[-1])
+        else:
+            total += int(t.n_bytes)
+    arch = str(bytes(r.fields["general.architecture"].parts[-1]), "utf-8")
+    f = lambda k: int(r.fields[f"{arch}.{k}"].parts[-1][0])  # noqa: E731
+    heads, kv_heads, hidden = f("attention.head_count"), f("attention.head_count_kv"), f("embedding_length")
+    kv = 2 * f("block_count") * kv_heads * (hidden // heads) * 2 * (prefill + decode / 2)
+    return int(total + kv)
 
 
 def ours_speed(model: Path, threads: int, prefill: int, decode: int, lm_head: str = "fp",
@@ -50,7 +73,26 @@ def ours_speed(model: Path, threads: int, prefill: int, decode: int, lm_head: st
                           "--lm-head", lm_head, "--kv-cache", kv_cache],
                          capture_output=True, text=True, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"prefill_tok_s": r["prefill_tok_s"], "decode_tok_s": r["decode_tok_s"]}
+    keys = ("prefill_tok_s", "decode_tok_s", "decode_gb_s", "prefill_core_ms_per_token", "decode_core_ms_per_token")
+    return {k: r[k] for k in keys}
+
+
+def stream_read_gb_s(threads: int) -> float:
+    """The roofline both engines are held against: our streaming-read probe, best of several runs."""
+    from bitnet_train.runtime.bench import read_bandwidth
+
+    return max(read_bandwidth(threads) for _ in range(3))
+
+
+def cpu_line() -> str:
+    """The CPU model and its SIMD flags, to write beside every figure."""
+    model, flags = "", []
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name") and not model:
+            model = line.split(":", 1)[1].strip()
+        if line.startswith("flags") and not flags:
+            flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx"))]
+    return f"{model}; {' '.join(flags)}"
 
 
 def best(runs: list[dict]) -> dict:
@@ -114,11 +156,23 @@ def main() -> None:
                                         args.kv_cache))
             runs_peer.append(llamacpp_speed(gguf, args.threads, args.prefill, args.decode))
         ours, peer = best(runs_ours), best(runs_peer)
+        peer_bytes = gguf_bytes_per_token(gguf, args.prefill, args.decode)
+        bw = stream_read_gb_s(args.threads)
+    # core-ms: the lowest over the repeats, as for the speeds
+    for r, runs in ((ours, runs_ours), (peer, runs_peer)):
+        for k in ("prefill_core_ms_per_token", "decode_core_ms_per_token"):
+            r[k] = min(x[k] for x in runs)
+    peer["bytes_per_token"] = peer_bytes
+    peer["decode_gb_s"] = round(peer_bytes * peer["decode_tok_s"] / 1e9, 2)
+    peer["roofline_fraction"] = round(peer["decode_gb_s"] / bw, 3)
+    ours["roofline_fraction"] = round(ours["decode_gb_s"] / bw, 3)
     result = {"comparison": label, "threads": args.threads, "lm_head": args.lm_head, "kv_cache": args.kv_cache,
               "prefill": args.prefill, "decode": args.decode, "repeats": len(runs_ours),
               "ours": ours, "llama.cpp": peer,
               "decode_ratio": round(ours["decode_tok_s"] / peer["decode_tok_s"], 2),
-              "prefill_ratio": round(ours["prefill_tok_s"] / peer["prefill_tok_s"], 2)}
+              "prefill_ratio": round(ours["prefill_tok_s"] / peer["prefill_tok_s"], 2),
+              "decode_core_s_ratio": round(ours["decode_core_ms_per_token"] / peer["decode_core_ms_per_token"], 2),
+              "stream_read_gb_s": round(bw, 2), "cpu": cpu_line()}
     rows.append(result)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
 

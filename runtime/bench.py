@@ -231,14 +231,14 @@ def measure_speed(engine, prefill: int = 128, decode: int = 64, bandwidth: bool 
     prompt = np.random.default_rng(seed).integers(0, engine.vocab_size, prefill)
     engine.forward(prompt[:8], last_only=True)  # warm-up: page in the weights, start the threads
     cache = engine.new_cache(1, prefill + decode)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     logits = engine.forward(prompt, cache=cache, last_only=True)
-    prefill_s = time.perf_counter() - t0
+    prefill_s, prefill_cpu = time.perf_counter() - t0, time.process_time() - c0
     tok = int(logits.argmax())
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(decode):
         tok = int(engine.forward([tok], cache=cache, last_only=True).argmax())
-    decode_s = time.perf_counter() - t0
+    decode_s, decode_cpu = time.perf_counter() - t0, time.process_time() - c0
 
     kv = kv_bytes_per_token(engine, prefill + decode / 2)  # mean context over the decode steps
     bytes_per_token = engine.weight_bytes_per_token + kv
@@ -250,6 +250,9 @@ def measure_speed(engine, prefill: int = 128, decode: int = 64, bandwidth: bool 
         "decode_tokens": decode, "decode_tok_s": round(decode_tps, 2),
         "weight_bytes_per_token": engine.weight_bytes_per_token, "kv_bytes_per_token": int(kv),
         "decode_gb_s": round(bytes_per_token * decode_tps / 1e9, 2),
+        # CPU time of the process (all threads) per token: the energy proxy on a VM.
+        "prefill_core_ms_per_token": round(prefill_cpu / prefill * 1e3, 3),
+        "decode_core_ms_per_token": round(decode_cpu / decode * 1e3, 3),
     }
     if bandwidth:
         bw = read_bandwidth(engine.threads, engine.isa())

@@ -132,14 +132,19 @@ inline void ternary_tile(const uint8_t* w, int64_t n_blocks, int64_t r, const Qu
 void ternary_rows_avx2(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t r1, const QuantRows& x,
                        float s_w, float* y, int64_t y_stride) {
   constexpr int64_t kRowBlock = 32;  // 32 * 384 bytes for bitnet-large: stays in L1/L2 across the tiles
+  const int64_t row_bytes = n_blocks * kI2BlockBytes;
   for (int64_t b0 = r0; b0 < r1; b0 += kRowBlock) {
     const int64_t b1 = std::min(r1, b0 + kRowBlock);
     int64_t i = 0;
     for (; i + 4 <= x.m; i += 4)
       for (int64_t r = b0; r < b1; ++r) ternary_tile<1, 4>(w, n_blocks, r, x, i, s_w, y, y_stride);
+    const int64_t first = i;
     for (; i < x.m; ++i) {
       int64_t r = b0;
-      for (; r + 2 <= b1; r += 2) ternary_tile<2, 1>(w, n_blocks, r, x, i, s_w, y, y_stride);
+      for (; r + 2 <= b1; r += 2) {
+        if (i == first) prefetch_ahead(w + r * row_bytes, 2 * row_bytes);  // decode: memory-bound
+        ternary_tile<2, 1>(w, n_blocks, r, x, i, s_w, y, y_stride);
+      }
       if (r < b1) ternary_tile<1, 1>(w, n_blocks, r, x, i, s_w, y, y_stride);
     }
   }
@@ -204,14 +209,19 @@ inline void ternary_t3_tile(const uint8_t* w, int64_t n_blocks, int64_t r, const
 void ternary_rows_t3_avx2(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t r1, const QuantRows& x,
                           float s_w, float* y, int64_t y_stride) {
   constexpr int64_t kRowBlock = 32;
+  const int64_t row_bytes = n_blocks * kT3BlockBytes;
   for (int64_t b0 = r0; b0 < r1; b0 += kRowBlock) {
     const int64_t b1 = std::min(r1, b0 + kRowBlock);
     int64_t i = 0;
     for (; i + 4 <= x.m; i += 4)
       for (int64_t r = b0; r < b1; ++r) ternary_t3_tile<1, 4>(w, n_blocks, r, x, i, s_w, y, y_stride);
+    const int64_t first = i;
     for (; i < x.m; ++i) {
       int64_t r = b0;
-      for (; r + 2 <= b1; r += 2) ternary_t3_tile<2, 1>(w, n_blocks, r, x, i, s_w, y, y_stride);
+      for (; r + 2 <= b1; r += 2) {
+        if (i == first) prefetch_ahead(w + r * row_bytes, 2 * row_bytes);  // decode: memory-bound
+        ternary_t3_tile<2, 1>(w, n_blocks, r, x, i, s_w, y, y_stride);
+      }
       if (r < b1) ternary_t3_tile<1, 1>(w, n_blocks, r, x, i, s_w, y, y_stride);
     }
   }
@@ -286,6 +296,7 @@ void dense_rows_t(const void* w, int64_t n, int64_t r0, int64_t r1, const float*
   const auto* base = static_cast<const uint8_t*>(w);
   const int64_t row_bytes = n * (DT == DType::F32 ? 4 : DT == kI8Codes ? 1 : 2);
   sweep_row_blocks(r0, r1, m, 16, [&](auto na, int64_t r, int64_t i) {  // 16 fp16 rows of 1536: 48 KB
+    if constexpr (decltype(na)::value < 4) prefetch_ahead(base + r * row_bytes, row_bytes);  // decode: memory-bound
     dense_row_tile<DT, decltype(na)::value>(base + r * row_bytes, n, x, i, x_stride, y, y_stride, r);
   });
 }
@@ -306,7 +317,8 @@ inline __m256 kv_load8(const uint16_t* p) {
 }
 }  // namespace
 
-// fp32 or fp16 (T = uint16_t) keys and values; the arithmetic is fp32 either way.
+// fp32 or fp16 (T = uint16_t) keys and values; the arithmetic is fp32 either way. Keys stream once
+// per head: see attend_prefetch.
 template <class T>
 void attend_avx2(const float* q, const T* K, const T* V, int64_t len, int64_t hd, float scale, float* p, float* out) {
   const int64_t hd8 = hd & ~int64_t{7};
@@ -319,8 +331,10 @@ void attend_avx2(const float* q, const T* K, const T* V, int64_t len, int64_t hd
   };
   float mx = -INFINITY;
   int64_t j = 0;
+  const int64_t group_bytes = 4 * hd * static_cast<int64_t>(sizeof(T));
   for (; j + 4 <= len; j += 4) {  // four positions at a time: independent FMA chains
     const T* k0 = K + j * hd;
+    attend_prefetch(k0, V + j * hd, group_bytes, K + len * hd);
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t i = 0; i < hd8; i += 8) {
       const __m256 qv = _mm256_loadu_ps(q + i);

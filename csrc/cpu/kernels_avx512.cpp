@@ -188,6 +188,7 @@ void ternary_rows_avx512(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t
       for (; r < b1; ++r) ternary_row_tile<4>(w + r * n_blocks * kI2BlockBytes, n_blocks, x, i, s_w, y, y_stride, r);
     }
     for (int64_t r = b0; r < b1 && i < x.m; ++r) {
+      prefetch_ahead(w + r * n_blocks * kI2BlockBytes, n_blocks * kI2BlockBytes);  // decode: memory-bound
       switch (x.m - i) {
         case 3: ternary_row_tile<3>(w + r * n_blocks * kI2BlockBytes, n_blocks, x, i, s_w, y, y_stride, r); break;
         case 2: ternary_row_tile<2>(w + r * n_blocks * kI2BlockBytes, n_blocks, x, i, s_w, y, y_stride, r); break;
@@ -368,6 +369,7 @@ void ternary_rows_t3_avx512(const uint8_t* w, int64_t n_blocks, int64_t r0, int6
       for (; r < b1; ++r) ternary_t3_row_tile<4>(w + r * row_bytes, n_blocks, x, i, s_w, y, y_stride, r);
     }
     for (int64_t r = b0; r < b1 && i < x.m; ++r) {
+      prefetch_ahead(w + r * row_bytes, row_bytes);  // decode: memory-bound
       switch (x.m - i) {
         case 3: ternary_t3_row_tile<3>(w + r * row_bytes, n_blocks, x, i, s_w, y, y_stride, r); break;
         case 2: ternary_t3_row_tile<2>(w + r * row_bytes, n_blocks, x, i, s_w, y, y_stride, r); break;
@@ -423,6 +425,7 @@ void dense_rows_t(const void* w, int64_t n, int64_t r0, int64_t r1, const float*
   const auto* base = static_cast<const uint8_t*>(w);
   const int64_t row_bytes = n * (DT == DType::F32 ? 4 : 2);
   sweep_row_blocks(r0, r1, m, 16, [&](auto na, int64_t r, int64_t i) {
+    if constexpr (decltype(na)::value < 4) prefetch_ahead(base + r * row_bytes, row_bytes);  // decode: memory-bound
     dense_row_tile<DT, decltype(na)::value>(base + r * row_bytes, n, x, i, x_stride, y, y_stride, r);
   });
 }
@@ -437,16 +440,97 @@ void dense_rows_avx512(const void* w, DType dt, int64_t n, int64_t r0, int64_t r
   }
 }
 
+// Attention for one query row over `len` cached positions (fp32 or fp16 keys and values; fp32
+// arithmetic), as attend_scalar computes it. Scores four positions at a time (independent FMA
+// chains, one reduce each); the weighted sum of V in one pass over the positions, with up to 128
+// output lanes (8 zmm accumulators) held in registers, the tail lanes masked.
+inline __m512 kv_load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+inline __m512 kv_load16(const uint16_t* p, __mmask16 k) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p)); }
+
+template <int NC, class T>
+void attend_v_chunk(const float* p, const T* V, int64_t len, int64_t hd, int64_t i0, float inv, float* out) {
+  __m512 o[NC];
+  __mmask16 mk[NC];
+  for (int c = 0; c < NC; ++c) {
+    o[c] = _mm512_setzero_ps();
+    const int64_t left = hd - i0 - 16 * c;
+    mk[c] = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+  }
+  for (int64_t j = 0; j < len; ++j) {
+    const __m512 pj = _mm512_set1_ps(p[j]);
+    const T* v = V + j * hd + i0;
+    for (int c = 0; c < NC; ++c) o[c] = _mm512_fmadd_ps(pj, kv_load16(v + 16 * c, mk[c]), o[c]);
+  }
+  const __m512 iv = _mm512_set1_ps(inv);
+  for (int c = 0; c < NC; ++c) _mm512_mask_storeu_ps(out + i0 + 16 * c, mk[c], _mm512_mul_ps(o[c], iv));
+}
+
+template <class T>
+void attend_avx512(const float* q, const T* K, const T* V, int64_t len, int64_t hd, float scale, float* p,
+                   float* out) {
+  const int64_t nc = (hd + 15) / 16;
+  const __mmask16 tail = (hd & 15) ? static_cast<__mmask16>((1u << (hd & 15)) - 1u) : static_cast<__mmask16>(0xffff);
+  auto mask_of = [&](int64_t c) { return c == nc - 1 ? tail : static_cast<__mmask16>(0xffff); };
+  float mx = -INFINITY;
+  int64_t j = 0;
+  const int64_t group_bytes = 4 * hd * static_cast<int64_t>(sizeof(T));
+  for (; j + 4 <= len; j += 4) {
+    const T* k0 = K + j * hd;
+    attend_prefetch(k0, V + j * hd, group_bytes, K + len * hd);
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t c = 0; c < nc; ++c) {
+      const __mmask16 mk = mask_of(c);
+      const __m512 qv = _mm512_maskz_loadu_ps(mk, q + 16 * c);
+      a0 = _mm512_fmadd_ps(qv, kv_load16(k0 + 16 * c, mk), a0);
+      a1 = _mm512_fmadd_ps(qv, kv_load16(k0 + hd + 16 * c, mk), a1);
+      a2 = _mm512_fmadd_ps(qv, kv_load16(k0 + 2 * hd + 16 * c, mk), a2);
+      a3 = _mm512_fmadd_ps(qv, kv_load16(k0 + 3 * hd + 16 * c, mk), a3);
+    }
+    p[j] = _mm512_reduce_add_ps(a0) * scale;
+    p[j + 1] = _mm512_reduce_add_ps(a1) * scale;
+    p[j + 2] = _mm512_reduce_add_ps(a2) * scale;
+    p[j + 3] = _mm512_reduce_add_ps(a3) * scale;
+    mx = std::max(mx, std::max(std::max(p[j], p[j + 1]), std::max(p[j + 2], p[j + 3])));
+  }
+  for (; j < len; ++j) {
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t c = 0; c < nc; ++c) {
+      const __mmask16 mk = mask_of(c);
+      a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q + 16 * c), kv_load16(K + j * hd + 16 * c, mk), a);
+    }
+    p[j] = _mm512_reduce_add_ps(a) * scale;
+    mx = std::max(mx, p[j]);
+  }
+  float denom = 0.0f;
+  for (j = 0; j < len; ++j) {
+    p[j] = std::exp(p[j] - mx);
+    denom += p[j];
+  }
+  const float inv = 1.0f / denom;
+  for (int64_t i0 = 0; i0 < hd; i0 += 128) {  // 128 output lanes per pass over V
+    switch (std::min<int64_t>(8, (hd - i0 + 15) / 16)) {
+      case 1: attend_v_chunk<1>(p, V, len, hd, i0, inv, out); break;
+      case 2: attend_v_chunk<2>(p, V, len, hd, i0, inv, out); break;
+      case 3: attend_v_chunk<3>(p, V, len, hd, i0, inv, out); break;
+      case 4: attend_v_chunk<4>(p, V, len, hd, i0, inv, out); break;
+      case 5: attend_v_chunk<5>(p, V, len, hd, i0, inv, out); break;
+      case 6: attend_v_chunk<6>(p, V, len, hd, i0, inv, out); break;
+      case 7: attend_v_chunk<7>(p, V, len, hd, i0, inv, out); break;
+      default: attend_v_chunk<8>(p, V, len, hd, i0, inv, out); break;
+    }
+  }
+}
+
 }  // namespace
 
 #ifdef BITNET_HAVE_AVX2
 const KernelTable BITNET_AVX512_TABLE = {BITNET_AVX512_NAME, quantize_rows_avx512, ternary_rows_avx512,
-                                         ternary_rows_t3_avx512, dense_rows_avx512, attend_avx2<float>,
-                                         attend_avx2<uint16_t>, int8_rows_avx2};
+                                         ternary_rows_t3_avx512, dense_rows_avx512, attend_avx512<float>,
+                                         attend_avx512<uint16_t>, int8_rows_avx2};
 #else
 const KernelTable BITNET_AVX512_TABLE = {BITNET_AVX512_NAME, quantize_rows_avx512, ternary_rows_avx512,
-                                         ternary_rows_t3_avx512, dense_rows_avx512, attend_scalar<float>,
-                                         attend_scalar<uint16_t>, int8_rows_scalar};
+                                         ternary_rows_t3_avx512, dense_rows_avx512, attend_avx512<float>,
+                                         attend_avx512<uint16_t>, int8_rows_scalar};
 #endif
 
 }  // namespace bitnet

@@ -47,6 +47,12 @@ inline simde__m256i maskz_loadu_epi16(uint16_t k, const void* p) {
     if ((k >> i) & 1) std::memcpy(&a[i], static_cast<const char*>(p) + 2 * i, 2);
   return simde_mm256_loadu_si256(a);
 }
+inline void mask_storeu_ps(void* p, uint16_t k, simde__m512 v) {
+  float a[16];
+  simde_mm512_storeu_ps(a, v);
+  for (int i = 0; i < 16; ++i)
+    if ((k >> i) & 1) std::memcpy(static_cast<char*>(p) + 4 * i, &a[i], 4);
+}
 inline simde__m128i cvtepi32_epi8(simde__m512i v) {  // truncation, as vpmovdb
   int32_t a[16];
   simde_mm512_storeu_si512(a, v);
@@ -113,5 +119,6 @@ inline simde__m512i cvtps_epi32(simde__m512 v) {  // current rounding mode; NaN 
 #define _mm256_maskz_loadu_epi16 bitnet_emu::maskz_loadu_epi16
 #define _mm512_cvtepi32_epi8 bitnet_emu::cvtepi32_epi8
 #define _mm_mask_storeu_epi8 bitnet_emu::mask_storeu_epi8
+#define _mm512_mask_storeu_ps bitnet_emu::mask_storeu_ps
 #define _mm512_cvtph_ps bitnet_emu::cvtph_ps
 #define _mm512_cvtepu16_epi32 bitnet_emu::cvtepu16_epi32

@@ -301,7 +301,7 @@ void test_t3_kernels(std::mt19937& rng) {
 void test_attention(std::mt19937& rng) {
   std::normal_distribution<float> normal;
   for (const KernelTable* kt : tables())
-    for (int64_t hd : {1, 7, 8, 10, 32, 40, 64, 96, 100, 128})
+    for (int64_t hd : {1, 7, 8, 10, 15, 16, 17, 32, 40, 64, 80, 96, 100, 128, 144, 160, 257})
       for (int64_t len : {1, 3, 4, 5, 17, 130}) {
         std::vector<float> q(static_cast<size_t>(hd)), K(static_cast<size_t>(len * hd)), V(K.size());
         for (auto& v : q) v = normal(rng);
@@ -358,8 +358,8 @@ void test_fp16_rounding() {
 // one on the same values (fp16 storage changes nothing but the stored values).
 void test_attention_f16(std::mt19937& rng) {
   std::normal_distribution<float> normal;
-  for (int64_t hd : {1, 7, 8, 10, 64, 100})
-    for (int64_t len : {1, 4, 5, 130}) {
+  for (int64_t hd : {1, 7, 8, 10, 17, 64, 96, 100, 128, 160})
+    for (int64_t len : {1, 3, 4, 5, 130}) {
       std::vector<float> q(static_cast<size_t>(hd)), Kf(static_cast<size_t>(len * hd)), Vf(Kf.size());
       std::vector<uint16_t> K(Kf.size()), V(Kf.size());
       for (auto& v : q) v = normal(rng);

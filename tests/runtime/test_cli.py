@@ -132,6 +132,10 @@ def test_bench_json(files):
     assert res["prefill_tok_s"] > 0 and res["decode_tok_s"] > 0 and res["weight_bytes_per_token"] > 0
     assert res["lm_head"] == "fp" and res["kv_cache"] == "f32"
     assert res["load_s"] > 0 and res["peak_rss_mib"] > 0 and res["major_page_faults"] >= 0
+    # CPU time per token (process time, all threads): positive, and at most threads x wall time per token
+    for phase, n in (("prefill", 16), ("decode", 8)):
+        core_ms, wall_ms = res[f"{phase}_core_ms_per_token"], 1e3 / res[f"{phase}_tok_s"]
+        assert 0 < core_ms <= 1.5 * wall_ms * res["threads"] + 1.0, (phase, core_ms, wall_ms)
     r8 = run_cli("bench", files["model"], "--prefill", "16", "--decode", "8", "--no-bandwidth", "--json",
                  "--lm-head", "int8", "--kv-cache", "f16")
     assert r8.returncode == 0, r8.stderr
