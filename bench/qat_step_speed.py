@@ -80,7 +80,7 @@ def build(args, method: str, qmod=None, seed: int = 0):
     torch.manual_seed(seed)
     model = BitNetModel(cfg, qcfg, linear=linear)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1.5e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1.5e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=True)  # as the recipe
     return model, opt
 
 

@@ -414,12 +414,14 @@ class DistillLM(BitNetLM):
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         d = self.distill_cfg
+        if not d.needs_teacher:  # CE alone: the chunked head + loss, no logits tensor (losses.py)
+            ce = self.model.loss(x, y)
+            self._log_part("train/ce", ce)
+            return d.ce_weight * ce
         logits = self.model(x)  # (B, T, V)
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
         total = d.ce_weight * ce
         self._log_part("train/ce", ce)
-        if not d.needs_teacher:
-            return total
         student_qkv = self._student_capture.take() if self._student_capture else {}
         t2 = d.temperature ** 2
         cached = self._cache.lookup(x) if self._cache is not None else None

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dict_config import DictSerializable
+from .losses import linear_cross_entropy
 from .quant import BitLinear, RMSNorm
 
 NormKind = Literal["subln", "bitlinear", "none"]
@@ -280,6 +281,10 @@ class BitNetModel(nn.Module):
 
         cache: incremental decoding: idx holds the T positions after the cache's `length` ones;
         they are appended to the cache."""
+        return self.lm_head(self.hidden_states(idx, cache))
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final-normed hidden states (B, T, d) that the lm_head maps to logits."""
         T = idx.shape[1]
         start = cache.length if cache is not None else 0
         limit = cache.max_len if cache is not None else self.config.max_seq_len
@@ -292,11 +297,13 @@ class BitNetModel(nn.Module):
             x = block(x, cos, sin, cache.layers[i] if cache is not None else None, start)
         if cache is not None:
             cache.length = start + T
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self(idx)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        """Mean next-token cross-entropy, F.cross_entropy(self(idx), targets) without the logits
+        tensor: the lm_head and the loss go in row chunks (losses.linear_cross_entropy)."""
+        h = self.hidden_states(idx)
+        return linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

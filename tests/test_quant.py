@@ -190,6 +190,13 @@ def test_bitlinear_under_bf16_autocast_is_close_to_the_fp32_integer_exact_result
     assert xt.grad.dtype == torch.float32 and m.weight.grad.dtype == torch.float32
     want = exact_forward(x, w)
     np.testing.assert_allclose(y.float().detach().numpy(), want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+    # on the CPU the integer product is int8 x int8 -> int32 (exact): the layer's bf16 output is the
+    # fp32 contract's result rounded once, bit for bit (a bf16 matmul would round the sums first)
+    xq, s_x = ref_act(x)
+    s_w = np.float32(m.quantized_weight()[1].item())
+    acc = (xq @ ref_weight_codes(w, s_w).T).astype(np.float32)
+    want32 = torch.from_numpy(acc * (s_w / s_x))
+    assert torch.equal(y.detach(), want32.to(torch.bfloat16))
 
 
 # ---- BitLinear forward and STE backward ----

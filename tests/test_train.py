@@ -276,3 +276,41 @@ def test_resume_from_another_architecture_is_rejected(corpus, tmp_path, capsys, 
     code, err = run_main(args, capsys, tmp_path, monkeypatch)
     assert code == 2 and "another architecture" in err and "hidden_size" in err
     assert not other.exists()
+
+
+# ---- precision auto, fused AdamW and the module's gradient clipping ----
+
+def test_precision_auto_picks_bf16_on_cpus_with_native_bf16_and_fp32_elsewhere(monkeypatch):
+    from bitnet_train import train as train_mod
+
+    assert train_mod.resolve_precision("32-true", "cpu")[0] == "32-true"
+    assert train_mod.resolve_precision("bf16-mixed", "cpu")[0] == "bf16-mixed"
+    assert train_mod.resolve_precision("auto", "gpu")[0] == "bf16-mixed"
+    for native, want in ((True, "bf16-mixed"), (False, "32-true")):
+        monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda native=native: native)
+        assert train_mod.resolve_precision("auto", "cpu")[0] == want
+    monkeypatch.undo()
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if " avx512_bf16" in flags or " amx_bf16" in flags:
+        assert train_mod.cpu_has_native_bf16()
+
+
+def test_the_module_clips_the_global_gradient_norm_as_lightning_would():
+    from bitnet_train.lightning_module import BitNetLM, fused_adamw_ok
+
+    model_cfg = {"vocab_size": 50, "hidden_size": 16, "intermediate_size": 32, "num_layers": 1, "num_heads": 2,
+                 "num_kv_heads": 2, "max_seq_len": 8}
+    lm = BitNetLM(model=model_cfg, quant={"method": "b1.58"}, optim={}, total_steps=10)
+    assert fused_adamw_ok(list(lm.parameters()))
+    assert lm.configure_optimizers()["optimizer"].defaults["fused"]
+    for p in lm.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    before = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in lm.parameters()]))
+    lm.grad_clip = 0.5
+    lm.on_before_optimizer_step(None)
+    after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in lm.parameters()]))
+    assert before > 1 and after == pytest.approx(0.5, rel=1e-4)
+    lm.grad_clip = 1e9  # above the norm: unchanged
+    g0 = [p.grad.clone() for p in lm.parameters()]
+    lm.on_before_optimizer_step(None)
+    assert all(torch.equal(a, p.grad) for a, p in zip(g0, lm.parameters()))
