@@ -38,6 +38,7 @@ from torch import nn
 
 from .errors import BitNetError, ConfigError
 from .lightning_module import BitNetLM
+from .losses import linear_cross_entropy_kd
 from .model import BitNetModel, QuantConfig
 
 RELATIONS = ("qq", "kk", "vv")
@@ -418,10 +419,7 @@ class DistillLM(BitNetLM):
             ce = self.model.loss(x, y)
             self._log_part("train/ce", ce)
             return d.ce_weight * ce
-        logits = self.model(x)  # (B, T, V)
-        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-        total = d.ce_weight * ce
-        self._log_part("train/ce", ce)
+        h = self.model.hidden_states(x)  # (B, T, d); the lm_head is applied below
         student_qkv = self._student_capture.take() if self._student_capture else {}
         t2 = d.temperature ** 2
         cached = self._cache.lookup(x) if self._cache is not None else None
@@ -432,13 +430,23 @@ class DistillLM(BitNetLM):
                 values, indices = teacher_logits.float().topk(d.topk, dim=-1)
                 self._cache.store(x, values, indices)
                 cached = (values, indices)
-        if d.kl_weight > 0:
-            if cached is not None:
-                kl = topk_kl_with_temperature(logits, cached[0], cached[1], d.temperature)
-            else:
-                kl = kl_with_temperature(logits, teacher_logits, d.temperature)
-            total = total + d.kl_weight * t2 * kl
+        hf, yf = h.reshape(-1, h.shape[-1]), y.reshape(-1)
+        if d.kl_weight > 0 and cached is None:
+            # CE and the full-vocabulary KL through the head in row chunks (losses.py): no student logits tensor
+            total, ce, kl = linear_cross_entropy_kd(hf, self.model.lm_head.weight, yf,
+                                                    teacher_logits.reshape(-1, teacher_logits.shape[-1]),
+                                                    d.temperature, d.ce_weight, d.kl_weight)
+            self._log_part("train/ce", ce)
             self._log_part("train/kl", kl)
+        else:
+            logits = self.model.lm_head(h)  # (B, T, V)
+            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), yf)
+            total = d.ce_weight * ce
+            self._log_part("train/ce", ce)
+            if d.kl_weight > 0:
+                kl = topk_kl_with_temperature(logits, cached[0], cached[1], d.temperature)
+                total = total + d.kl_weight * t2 * kl
+                self._log_part("train/kl", kl)
         if d.attn_weight > 0:
             teacher_qkv = self._teacher_capture.take()
             ar = attention_relation_loss(student_qkv, teacher_qkv, self._relation_heads, d.attn_relations, d.attn_causal)

@@ -104,3 +104,64 @@ def test_bad_shapes_are_refused_with_one_line():
         linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="chunk"):
         linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), chunk=0)
+
+
+# ---- CE + KL(teacher || student at T) in chunks (the distillation stage's loss) ----
+
+def unfused_kd(h, w, t, teacher, T, cw, kw):
+    from bitnet_train.distill import kl_with_temperature
+
+    z = F.linear(h, w)
+    ce, kl = F.cross_entropy(z.float(), t), kl_with_temperature(z, teacher, T)
+    return cw * ce + kw * T * T * kl, ce, kl
+
+
+def test_kd_a_hand_computed_example():
+    from bitnet_train.losses import linear_cross_entropy_kd
+
+    h = torch.tensor([[1.0, 0.0]])
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # student logits [1, 0]
+    teacher = torch.tensor([[0.0, 2.0]])
+    T = 2.0
+    s = torch.tensor([math.exp(0.5), 1.0]) / (math.exp(0.5) + 1)  # softmax([1, 0] / 2)
+    p = torch.tensor([1.0, math.e]) / (1 + math.e)  # softmax([0, 2] / 2)
+    kl = float((p * (p.log() - s.log())).sum())
+    ce = math.log(math.e + 1) - 1  # target 0
+    total, ce_got, kl_got = linear_cross_entropy_kd(h, w, torch.tensor([0]), teacher, T, 0.5, 2.0)
+    assert ce_got.item() == pytest.approx(ce, rel=1e-6) and kl_got.item() == pytest.approx(kl, rel=1e-5)
+    assert total.item() == pytest.approx(0.5 * ce + 2.0 * T * T * kl, rel=1e-5)
+    assert not ce_got.requires_grad and not kl_got.requires_grad
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_kd_matches_cross_entropy_plus_kl_with_temperature(autocast):
+    from bitnet_train.losses import linear_cross_entropy_kd
+
+    g = torch.Generator().manual_seed(2)
+    h, w = torch.randn(300, 48, generator=g), torch.randn(500, 48, generator=g) * 0.3
+    t = torch.randint(0, 500, (300,), generator=g)
+    teacher = torch.randn(300, 500, generator=g) * 2
+    args = (2.0, 0.7, 1.3)
+    got, want = [], []
+    for fn, out in ((lambda a, b: linear_cross_entropy_kd(a, b, t, teacher, *args, chunk=64), got),
+                    (lambda a, b: unfused_kd(a, b, t, teacher, *args), want)):
+        a, b = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            total, ce, kl = fn(a, b)
+        total.backward()
+        out.extend([total.detach(), ce.detach(), kl.detach(), a.grad, b.grad])
+    for i, (x, y) in enumerate(zip(got, want)):
+        # fp32: the same sums in another order; bf16: the same rounded logits, the gradients summed in
+        # fp32 here where the unfused path rounds each term's gradient to bf16
+        tol = (1e-6 if i < 3 else 1e-2) if autocast else 2e-6
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol * y.abs().max().item())
+
+
+def test_kd_refuses_mismatched_teacher_logits_and_temperature():
+    from bitnet_train.losses import linear_cross_entropy_kd
+
+    h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="teacher logits"):
+        linear_cross_entropy_kd(h, w, t, torch.randn(4, 9), 1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        linear_cross_entropy_kd(h, w, t, torch.randn(4, 10), 0.0, 1.0, 1.0)
