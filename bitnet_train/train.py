@@ -59,6 +59,41 @@ class KillAtStep(Callback):
             os._exit(137)
 
 
+class TernaryFlipRate(Callback):
+    """Logs `train/flip_rate`: the fraction of ternary codes (all quantized BitLinear weights) that one
+    optimizer step changes, every `every` steps. Near zero means the learning rate is too low for the
+    quantized weights to move at all; the latent weights still change, the function does not. Costs
+    two weight quantizations every `every` steps (a snapshot before the step, the codes after it)."""
+
+    def __init__(self, every: int):
+        if every < 1:
+            raise ConfigError(f"callbacks.flip_rate_every_n_steps must be >= 1 (or 0 to turn it off), got {every}")
+        self.every = every
+        self._before: dict[str, torch.Tensor] | None = None
+
+    @staticmethod
+    def codes(model) -> dict[str, torch.Tensor]:
+        from .quant import weight_quant
+
+        with torch.no_grad():
+            return {n: weight_quant(m.weight.detach(), m.eps)[0].to(torch.int8)
+                    for n, m in model.bitlinear_modules().items() if m.quantize}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self._before = self.codes(pl_module.model) if trainer.global_step % self.every == 0 else None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._before is None:
+            return
+        after = self.codes(pl_module.model)
+        flips = sum(int((after[n] != c).sum()) for n, c in self._before.items())
+        total = sum(c.numel() for c in self._before.values())
+        self._before = None
+        if total:
+            pl_module.log("train/flip_rate", flips / total)
+            pl_module.last_flip_rate = flips / total
+
+
 class PlainProgress(Callback):
     """Progress where no terminal watches (output redirected to a file, nohup, a batch scheduler, CI):
     one plain line every `interval_s` seconds and at the last step, on rank zero:
@@ -457,6 +492,8 @@ def _make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         callbacks.append(TQDMProgressBar())
     elif bar == "plain":
         callbacks.append(PlainProgress(float(c.get("progress_interval_s", 30))))
+    if c.get("flip_rate_every_n_steps"):
+        callbacks.append(TernaryFlipRate(int(c.flip_rate_every_n_steps)))
     if cfg.debug_kill_at_step:
         callbacks.append(KillAtStep(int(cfg.debug_kill_at_step)))
 

@@ -314,3 +314,47 @@ def test_the_module_clips_the_global_gradient_norm_as_lightning_would():
     g0 = [p.grad.clone() for p in lm.parameters()]
     lm.on_before_optimizer_step(None)
     assert all(torch.equal(a, p.grad) for a, p in zip(g0, lm.parameters()))
+
+
+def test_flip_rate_counts_the_codes_one_step_changes():
+    from types import SimpleNamespace
+
+    from bitnet_train.model import BitNetModel, ModelConfig, QuantConfig
+    from bitnet_train.train import TernaryFlipRate
+
+    torch.manual_seed(0)
+    model = BitNetModel(ModelConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                                    num_kv_heads=2, max_seq_len=8), QuantConfig())
+    logged = {}
+    module = SimpleNamespace(model=model, log=lambda k, v: logged.__setitem__(k, v))
+    cb = TernaryFlipRate(every=2)
+    layers = model.bitlinear_modules()
+    total = sum(m.weight.numel() for m in layers.values())
+    # negating a layer keeps its scale (mean |W|) and flips every nonzero code of it
+    target = layers["layers.0.mlp.up_proj"]
+    nonzero = int(TernaryFlipRate.codes(model)["layers.0.mlp.up_proj"].count_nonzero())
+    cb.on_before_optimizer_step(SimpleNamespace(global_step=4), module, None)
+    with torch.no_grad():
+        target.weight.neg_()
+    cb.on_train_batch_end(SimpleNamespace(global_step=5), module, None, None, 0)
+    assert logged["train/flip_rate"] == pytest.approx(nonzero / total) and 0 < nonzero < total
+    # off-cycle steps take no snapshot and log nothing; an unchanged model flips nothing
+    logged.clear()
+    cb.on_before_optimizer_step(SimpleNamespace(global_step=5), module, None)
+    cb.on_train_batch_end(SimpleNamespace(global_step=6), module, None, None, 0)
+    assert logged == {}
+    cb.on_before_optimizer_step(SimpleNamespace(global_step=6), module, None)
+    cb.on_train_batch_end(SimpleNamespace(global_step=7), module, None, None, 0)
+    assert logged["train/flip_rate"] == 0
+
+
+@pytest.mark.slow
+def test_a_run_logs_the_flip_rate(corpus, tmp_path):
+    import csv
+
+    run_dir = tmp_path / "flip"
+    r = cli(tiny_overrides(corpus, run_dir, **{"callbacks.flip_rate_every_n_steps": 2, "trainer.max_steps": 6}), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader(open(run_dir / "logs" / "metrics.csv")))
+    rates = {int(x["step"]): float(x["train/flip_rate"]) for x in rows if x.get("train/flip_rate")}
+    assert len(rates) == 3 and all(0 < v < 0.5 for v in rates.values()), rates  # steps 0, 2, 4: lr moves codes
