@@ -90,7 +90,9 @@ class TernaryFlipRate(Callback):
         total = sum(c.numel() for c in self._before.values())
         self._before = None
         if total:
-            pl_module.log("train/flip_rate", flips / total)
+            # straight to the loggers: a self.log from this hook is logged again at the next step
+            for lg in trainer.loggers:
+                lg.log_metrics({"train/flip_rate": flips / total}, step=trainer.global_step)
             pl_module.last_flip_rate = flips / total
 
 
