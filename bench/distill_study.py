@@ -58,6 +58,8 @@ ARMS = {
     "distill_only": {"recipe": "smollm2_135m_1p58_distill", "extra": ["stages=null"]},
     # the full recipe, --teacher-fraction of its training blocks from the teacher-written corpus (both stages)
     "full_recipe_mix": {"recipe": "smollm2_135m_1p58_distill", "extra": [], "staged": True, "teacher_mix": True},
+    # the full recipe plus a per-layer hidden-state loss (cosine to the teacher's residual stream, every layer)
+    "full_recipe_hidden": {"recipe": "smollm2_135m_1p58_distill", "extra": ["distill.hidden_weight=1.0"]},
 }
 DEFAULT_ARMS = ["plain_qat", "qat_kd", "full_recipe", "fp_finetune"]
 DEFAULT_BUDGET_MINUTES = 25.0

@@ -66,13 +66,23 @@ class DistillConfig:
     attn_relation_heads: int | None = None  # None: the student's num_kv_heads (divides q, k and v widths)
     attn_relations: list[str] = field(default_factory=lambda: list(RELATIONS))
     attn_causal: bool = True
+    # Per-layer hidden-state loss against the teacher's residual stream (TernaryLLM, OneBit): gamma.
+    hidden_weight: float = 0.0
+    hidden_loss: str = "cosine"  # cosine: 1 - cos per token | nmse: ||s - t||^2 / ||t||^2 per token
+    hidden_layers: list[int] | None = None  # python-style layer indices; None: every layer
     # Top-k teacher logits cache (logit KD only). None: no cache, the teacher runs every step.
     topk_cache_dir: str | None = None
     topk: int = 64
 
     def __post_init__(self):
         self.attn_relations = list(self.attn_relations)
-        for name in ("ce_weight", "kl_weight", "attn_weight"):
+        if self.hidden_layers is not None:
+            self.hidden_layers = [int(i) for i in self.hidden_layers]
+            if not self.hidden_layers:
+                raise ConfigError("distill.hidden_layers must be null (every layer) or a non-empty list of layer indices")
+        if self.hidden_loss not in HIDDEN_LOSSES:
+            raise ConfigError(f"distill.hidden_loss must be one of {list(HIDDEN_LOSSES)}, got {self.hidden_loss!r}")
+        for name in ("ce_weight", "kl_weight", "attn_weight", "hidden_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"distill.{name} must be >= 0, got {getattr(self, name)}")
         if self.temperature <= 0:
@@ -86,12 +96,12 @@ class DistillConfig:
             raise ConfigError(f"distill.attn_relation_heads must be >= 1, got {self.attn_relation_heads}")
         if self.topk < 1:
             raise ConfigError(f"distill.topk must be >= 1, got {self.topk}")
-        if self.enabled and self.ce_weight == self.kl_weight == self.attn_weight == 0:
-            raise ConfigError("distill is enabled but ce_weight, kl_weight and attn_weight are all 0")
+        if self.enabled and self.ce_weight == self.kl_weight == self.attn_weight == self.hidden_weight == 0:
+            raise ConfigError("distill is enabled but ce_weight, kl_weight, attn_weight and hidden_weight are all 0")
 
     @property
     def needs_teacher(self) -> bool:
-        return self.enabled and (self.kl_weight > 0 or self.attn_weight > 0)
+        return self.enabled and (self.kl_weight > 0 or self.attn_weight > 0 or self.hidden_weight > 0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -188,6 +198,60 @@ def resolve_layer(index: int, model: BitNetModel, who: str) -> int:
     if not -n <= index < n:
         raise DistillError(f"distill.attn_layer {index} is out of range for the {who} ({n} layers: use {-n}..{n - 1})")
     return index % n
+
+
+HIDDEN_LOSSES = ("cosine", "nmse")
+
+
+def hidden_state_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], kind: str = "cosine") -> torch.Tensor:
+    """Mean over layers and tokens of a per-token distance between residual streams (..., d), fp32:
+    cosine: 1 - cos(s, t); nmse: ||s - t||^2 / ||t||^2 (the teacher's norm, so each layer weighs alike
+    whatever its scale)."""
+    if len(student) != len(teacher) or not student:
+        raise DistillError(f"hidden-state loss: {len(student)} student layers vs {len(teacher)} teacher layers")
+    terms = []
+    with torch.autocast(device_type=student[0].device.type, enabled=False):
+        for s_h, t_h in zip(student, teacher):
+            if s_h.shape != t_h.shape:
+                raise DistillError(f"hidden-state loss: student hidden states {tuple(s_h.shape)} vs teacher "
+                                   f"{tuple(t_h.shape)}")
+            s32, t32 = s_h.float(), t_h.detach().float()
+            if kind == "cosine":
+                terms.append((1 - F.cosine_similarity(s32, t32, dim=-1, eps=1e-8)).mean())
+            elif kind == "nmse":
+                terms.append(((s32 - t32).pow(2).sum(-1) / t32.pow(2).sum(-1).clamp(min=1e-12)).mean())
+            else:
+                raise DistillError(f"hidden-state loss must be one of {list(HIDDEN_LOSSES)}, got {kind!r}")
+    return torch.stack(terms).mean()
+
+
+class ResidualCapture:
+    """Forward hooks on decoder layers: after a forward, `take()` gives their outputs (the residual
+    stream after each chosen layer, (B, T, d)) in layer order."""
+
+    def __init__(self, model: BitNetModel, layers: list[int] | None):
+        n = len(model.layers)
+        bad = [i for i in (layers or []) if not -n <= i < n]
+        if bad:
+            raise DistillError(f"distill.hidden_layers {bad} out of range for a {n}-layer model (use {-n}..{n - 1})")
+        idx = list(range(n)) if layers is None else sorted({i % n for i in layers})
+        self.layers = idx
+        self.outputs: dict[int, torch.Tensor] = {}
+        self._handles = [model.layers[i].register_forward_hook(self._keeper(i)) for i in idx]
+
+    def _keeper(self, i: int):
+        def hook(module, args, output):
+            self.outputs[i] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def take(self) -> list[torch.Tensor]:
+        out, self.outputs = self.outputs, {}
+        return [out[i] for i in self.layers if i in out]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
 
 class QKVCapture:
@@ -374,6 +438,8 @@ class DistillLM(BitNetLM):
         self._teacher: list[BitNetModel] = []  # a list: keeps the teacher out of the module tree
         self._student_capture: QKVCapture | None = None
         self._teacher_capture: QKVCapture | None = None
+        self._student_hidden: ResidualCapture | None = None
+        self._teacher_hidden: ResidualCapture | None = None
         self._cache: TopKLogitCache | None = None
         self._relation_heads = 0
         self.last_parts: dict[str, float] = {}
@@ -402,9 +468,16 @@ class DistillLM(BitNetLM):
             self._relation_heads = heads
             self._student_capture = QKVCapture(self.model, s_layer)
             self._teacher_capture = QKVCapture(teacher, t_layer)
-        if cache is not None and d.attn_weight > 0:
-            raise DistillError("distill.topk_cache_dir works with logit KD only (attn_weight 0): "
-                               "the attention-relation term needs the teacher's Q/K/V every step")
+        if d.hidden_weight > 0:
+            sc, tc = self.model.config, teacher.config
+            if (sc.num_layers, sc.hidden_size) != (tc.num_layers, tc.hidden_size):
+                raise DistillError(f"distill.hidden_weight needs a teacher of the student's depth and width: student "
+                                   f"{sc.num_layers} layers x {sc.hidden_size}, teacher {tc.num_layers} x {tc.hidden_size}")
+            self._student_hidden = ResidualCapture(self.model, d.hidden_layers)
+            self._teacher_hidden = ResidualCapture(teacher, d.hidden_layers)
+        if cache is not None and (d.attn_weight > 0 or d.hidden_weight > 0):
+            raise DistillError("distill.topk_cache_dir works with logit KD only (attn_weight and hidden_weight 0): "
+                               "the attention-relation and hidden-state terms need the teacher's forward every step")
         self._cache = cache
 
     def on_fit_start(self):
@@ -421,9 +494,10 @@ class DistillLM(BitNetLM):
             return d.ce_weight * ce
         h = self.model.hidden_states(x)  # (B, T, d); the lm_head is applied below
         student_qkv = self._student_capture.take() if self._student_capture else {}
+        student_hidden = self._student_hidden.take() if self._student_hidden else []
         t2 = d.temperature ** 2
         cached = self._cache.lookup(x) if self._cache is not None else None
-        if cached is None or d.attn_weight > 0:
+        if cached is None or d.attn_weight > 0 or d.hidden_weight > 0:
             with torch.no_grad():
                 teacher_logits = self.teacher(x)
             if self._cache is not None:  # with a cache the loss is always the top-k form, hit or miss
@@ -447,6 +521,10 @@ class DistillLM(BitNetLM):
                 kl = topk_kl_with_temperature(logits, cached[0], cached[1], d.temperature)
                 total = total + d.kl_weight * t2 * kl
                 self._log_part("train/kl", kl)
+        if d.hidden_weight > 0:
+            hs = hidden_state_loss(student_hidden, self._teacher_hidden.take(), d.hidden_loss)
+            total = total + d.hidden_weight * hs
+            self._log_part("train/hidden", hs)
         if d.attn_weight > 0:
             teacher_qkv = self._teacher_capture.take()
             ar = attention_relation_loss(student_qkv, teacher_qkv, self._relation_heads, d.attn_relations, d.attn_causal)
@@ -461,7 +539,7 @@ class DistillLM(BitNetLM):
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
         loss = super().validation_step(batch, batch_idx, dataloader_idx)
-        for c in (self._student_capture, self._teacher_capture):
+        for c in (self._student_capture, self._teacher_capture, self._student_hidden, self._teacher_hidden):
             if c is not None:
                 c.take()  # drop what the validation forward captured
         return loss

@@ -253,6 +253,9 @@ def test_relation_heads_must_divide_widths():
     ({"teacher_dtype": "int8"}, "teacher_dtype"),
     ({"enabled": True, "ce_weight": 0.0}, "all 0"),
     ({"kl_wieght": 1.0}, "unknown distill config keys"),
+    ({"hidden_weight": -0.5}, "hidden_weight must be >= 0"),
+    ({"hidden_loss": "l1"}, "hidden_loss"),
+    ({"hidden_layers": []}, "hidden_layers"),
 ])
 def test_bad_distill_config_is_one_clear_error(bad, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -396,3 +399,48 @@ def test_bad_stage_config_is_one_clear_error(tmp_path, extra, needle):
         run(compose_config(args + [a.replace("RUN", str(tmp_path / "r")) for a in extra]))
     assert needle in str(e.value)
     assert not (tmp_path / "r").exists()
+
+
+# -- per-layer hidden-state loss ---------------------------------------------------------------------
+
+def test_hidden_state_loss_by_hand():
+    from bitnet_train.distill import hidden_state_loss
+
+    s = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])  # (B=1, T=2, d=2)
+    t = torch.tensor([[[0.0, 2.0], [2.0, 2.0]]])
+    # cosine: token 0 orthogonal (1 - 0), token 1 parallel (1 - 1): mean 0.5
+    assert hidden_state_loss([s], [t], "cosine").item() == pytest.approx(0.5, abs=1e-7)
+    # nmse: token 0 (1 + 4) / 4, token 1 (1 + 1) / 8: mean (1.25 + 0.25) / 2
+    assert hidden_state_loss([s], [t], "nmse").item() == pytest.approx(0.75, rel=1e-6)
+    # two layers: the mean of the layers
+    assert hidden_state_loss([s, t], [t, t], "nmse").item() == pytest.approx(0.375, rel=1e-6)
+    with pytest.raises(DistillError, match="student layers"):
+        hidden_state_loss([s], [t, t])
+
+
+def test_hidden_term_is_added_with_its_weight_and_needs_a_matching_teacher():
+    from bitnet_train.distill import ResidualCapture, hidden_state_loss
+
+    torch.manual_seed(0)
+    teacher = BitNetModel(ModelConfig(**TINY, init_std=0.3), QuantConfig(method="none")).eval()
+    x = torch.randint(0, 64, (2, 9))
+    y = torch.roll(x, -1, 1)
+    base, hid = _lm(), _lm(hidden_weight=0.5, hidden_layers=[-1])
+    hid.model.load_state_dict(base.model.state_dict())
+    base.attach_teacher(teacher)
+    hid.attach_teacher(teacher)
+    # the term by hand: the last layer's residual stream of student and teacher
+    cs, ct = ResidualCapture(base.model, [1]), ResidualCapture(teacher, [1])
+    with torch.no_grad():
+        base.model(x), teacher(x)
+    want = hidden_state_loss(cs.take(), ct.take(), "cosine")
+    cs.remove(), ct.remove()
+    diff = hid.training_loss(x, y) - base.training_loss(x, y)
+    assert want.item() > 0 and diff.item() == pytest.approx(0.5 * want.item(), rel=1e-4)
+    assert hid.last_parts["train/hidden"] == pytest.approx(want.item(), rel=1e-5)
+    # a shallower teacher has no residual stream to match layer by layer
+    shallow = BitNetModel(ModelConfig(**{**TINY, "num_layers": 1}), QuantConfig(method="none"))
+    with pytest.raises(DistillError, match="depth and width"):
+        _lm(hidden_weight=1.0).attach_teacher(shallow)
+    with pytest.raises(DistillError, match="out of range"):
+        _lm(hidden_weight=1.0, hidden_layers=[5]).attach_teacher(teacher)
