@@ -58,6 +58,10 @@ ARMS = {
     "distill_only": {"recipe": "smollm2_135m_1p58_distill", "extra": ["stages=null"]},
     # the full recipe, --teacher-fraction of its training blocks from the teacher-written corpus (both stages)
     "full_recipe_mix": {"recipe": "smollm2_135m_1p58_distill", "extra": [], "staged": True, "teacher_mix": True},
+    # the full recipe distilling from the fp fine-tune on the same text (BitDistill's task-fine-tuned teacher):
+    # the fp_finetune arm's model, run first in the same study, or --teacher-dir
+    "full_recipe_ft_teacher": {"recipe": "smollm2_135m_1p58_distill", "extra": [], "staged": True,
+                               "teacher_from": "fp_finetune"},
     # the full recipe plus a per-layer hidden-state loss (cosine to the teacher's residual stream, every layer)
     "full_recipe_hidden": {"recipe": "smollm2_135m_1p58_distill", "extra": ["distill.hidden_weight=1.0"]},
 }
@@ -93,6 +97,9 @@ def parse_args(argv=None):
     p.add_argument("--test-blocks", type=int, default=64,
                    help="after each arm, score its final model on this many held-out blocks that validation never "
                         "read (the blocks after validation's; 0: skip)")
+    p.add_argument("--teacher-dir", type=Path, default=None,
+                   help="full_recipe_ft_teacher: the fp fine-tuned teacher's model/ directory (default: this "
+                        "study's fp_finetune arm)")
     p.add_argument("--teacher-fraction", type=float, default=TEACHER_FRACTION,
                    help="full_recipe_mix: the share of its training blocks from the teacher-written corpus")
     p.add_argument("--general-blocks", type=int, default=None,
@@ -141,11 +148,15 @@ def parse_args(argv=None):
 
 def arm_overrides(arm: str, steps: int, run_dir: Path, common: list[str], val_every: int,
                   stage1_fraction: float = STAGE1_FRACTION, stage1_lr: float | None = None,
-                  stage1_warmup_steps: int | None = None, teacher_fraction: float = TEACHER_FRACTION) -> list[str]:
-    """The config overrides of one arm: its recipe, `steps` steps in all (the full recipe split in two stages)."""
+                  stage1_warmup_steps: int | None = None, teacher_fraction: float = TEACHER_FRACTION,
+                  teacher_dir: Path | None = None) -> list[str]:
+    """The config overrides of one arm: its recipe, `steps` steps in all (the full recipe split in two stages).
+    teacher_dir: the distillation teacher of an arm with "teacher_from" (None: the recipe's own, as in a probe)."""
     spec = ARMS[arm]
     overrides = [f"recipe={spec['recipe']}", *spec["extra"], f"run_dir={run_dir}", *common,
                  f"trainer.val_check_interval={max(1, val_every)}"]
+    if spec.get("teacher_from") and teacher_dir is not None:
+        overrides.append(f"distill.teacher={teacher_dir}")
     if spec.get("teacher_mix"):  # after `common`: the arm's own fraction wins
         overrides.append(f"data.teacher_corpus.fraction={teacher_fraction}")
     if not spec.get("staged", arm == "full_recipe"):
@@ -158,6 +169,18 @@ def arm_overrides(arm: str, steps: int, run_dir: Path, common: list[str], val_ev
             f"stages=[{{stage: continued_pretraining, trainer: {{max_steps: {s1}, val_check_interval: {max(1, min(val_every, s1))}}},"
             f" distill: {{enabled: false}}{optim1_yaml}}}, {{stage: distillation, trainer: {{max_steps: {s2},"
             f" val_check_interval: {max(1, min(val_every, s2))}}}, optim: {{warmup_steps: {min(5, s2)}}}}}]"]
+
+
+def arm_teacher_dir(arm: str, out: Path, teacher_dir: Path | None) -> Path | None:
+    """The teacher an arm with "teacher_from" distils from: --teacher-dir, else that arm's model in this study."""
+    dep = ARMS[arm].get("teacher_from")
+    if not dep:
+        return None
+    d = teacher_dir or out / dep / "model"
+    if not (d / "config.json").is_file() and not (d / "model.safetensors").is_file():
+        raise SystemExit(f"error: arm {arm} distils from the {dep} arm's model, and {d} holds none: list {dep} "
+                         f"before {arm} in --arms, or pass --teacher-dir DIR")
+    return d
 
 
 def run_arm(arm: str, steps: int, run_dir: Path, common: list[str], val_every: int, **stage1) -> dict:
@@ -527,7 +550,8 @@ def main(argv=None) -> int:
         print(f"\n##### {a}: {steps[a]} steps")
         r = run_arm(a, steps[a], out / a, common, val_every=max(1, steps[a] // max(1, args.val_points)),
                     stage1_fraction=args.stage1_fraction, stage1_lr=args.stage1_lr,
-                    stage1_warmup_steps=args.stage1_warmup_steps, teacher_fraction=args.teacher_fraction)
+                    stage1_warmup_steps=args.stage1_warmup_steps, teacher_fraction=args.teacher_fraction,
+                    teacher_dir=arm_teacher_dir(a, out, args.teacher_dir))
         r["probe_seconds_per_step"] = probes.get(a)
         if args.test_blocks or args.general_blocks != 0:
             r.update(test_ppl(out / a, args.test_blocks, general_blocks=args.general_blocks))

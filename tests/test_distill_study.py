@@ -173,3 +173,20 @@ def test_the_teacher_mix_arm_is_the_staged_recipe_with_its_own_fraction(study, t
     assert plain.data.teacher_corpus.fraction == 0.0
     with pytest.raises(SystemExit):
         study.parse_args(["--teacher-fraction", "1"])
+
+
+def test_the_fine_tuned_teacher_arm_distils_from_the_fp_arms_model(study, tmp_path):
+    from bitnet_train.config import compose_config
+
+    with pytest.raises(SystemExit, match="list fp_finetune before"):
+        study.arm_teacher_dir("full_recipe_ft_teacher", tmp_path, None)
+    model_dir = tmp_path / "fp_finetune" / "model"
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text("{}")
+    teacher = study.arm_teacher_dir("full_recipe_ft_teacher", tmp_path, None)
+    assert teacher == model_dir and study.arm_teacher_dir("full_recipe", tmp_path, None) is None
+    cfg = compose_config(study.arm_overrides("full_recipe_ft_teacher", 30, tmp_path / "t", [], val_every=6,
+                                             teacher_dir=teacher))
+    assert cfg.distill.teacher == str(model_dir) and [s.trainer.max_steps for s in cfg.stages] == [6, 24]
+    probe = compose_config(study.arm_overrides("full_recipe_ft_teacher", 30, tmp_path / "p", [], val_every=6))
+    assert probe.distill.teacher is None  # a probe times the step with the recipe's own teacher
