@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bitnet_train.runtime.bench import cpu_line
+
 
 def llamacpp_speed(gguf: Path, threads: int, prefill: int, decode: int) -> dict:
     from llama_cpp import Llama
@@ -82,17 +84,6 @@ def stream_read_gb_s(threads: int) -> float:
     from bitnet_train.runtime.bench import read_bandwidth
 
     return max(read_bandwidth(threads) for _ in range(3))
-
-
-def cpu_line() -> str:
-    """The CPU model and its SIMD flags, to write beside every figure."""
-    model, flags = "", []
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name") and not model:
-            model = line.split(":", 1)[1].strip()
-        if line.startswith("flags") and not flags:
-            flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx"))]
-    return f"{model}; {' '.join(flags)}"
 
 
 def best(runs: list[dict]) -> dict:

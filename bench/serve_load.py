@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import signal
 import socket
@@ -33,21 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def cpu_line() -> str:
-    model, flags = platform.processor(), ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                flags = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_vbmi", "avx512_bf16", "amx_int8")
-                                 if f in have)
-                break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} CPUs; {flags})"
+from bitnet_train.runtime.bench import cpu_line
 
 
 def rss_mb(pid: int) -> float:

@@ -48,7 +48,6 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             ce_denom, kl_denom = max(n_valid, 1), max(n_rows, 1)
             need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             grad_h = torch.empty_like(hm) if need_h else None
-            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
             ce_sum = torch.zeros((), dtype=torch.float32, device=h.device)
             kl_sum = torch.zeros((), dtype=torch.float32, device=h.device)
             c_max = max(1, min(chunk, n_rows))
@@ -60,6 +59,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             # the head's gradient in a low-precision matmul dtype: every chunk's gradient kept (N x V) and one
             # product at the end; in fp32, added into grad_w chunk by chunk (addmm_, no extra pass)
             g_all = torch.empty((n_rows, vocab), dtype=mm, device=h.device) if need_w and mm_buf is not None else None
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w and g_all is None else None
             for r0 in range(0, n_rows, chunk):
                 hc, tc = hm[r0:r0 + chunk], targets[r0:r0 + chunk]
                 c = hc.shape[0]

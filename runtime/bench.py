@@ -10,6 +10,7 @@ Shared by `bitnet-run bench` and bench/runtime_cpu.py.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -202,6 +203,20 @@ def write_random_model(path: str | Path, shape: str | dict, max_seq_len: int = 2
                   "ptq": False, "seed": seed}
     return write_tensors(path, cfg, 1e-5, _random_kinds(cfg), lambda name: _random_tensor(cfg, name, seed, packing),
                          packing=packing, dense_dtype="F16", tokenizer_json=tokenizer_json, provenance=provenance)
+
+
+def cpu_line() -> str:
+    """The CPU model, its core count and its avx* / amx* flags: written beside every speed figure."""
+    model, flags = "", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx"))]
+    except OSError:
+        pass
+    return f"{model or 'unknown CPU'} ({os.cpu_count()} CPUs; {' '.join(flags)})"
 
 
 def read_bandwidth(threads: int, isa: str = "", mib: int = 1024, repeats: int = 5) -> float:
