@@ -38,6 +38,12 @@ def atomic_file(path: str | os.PathLike):
         raise
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """`text` (UTF-8) into `path`, whole or not at all."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
     """Yields a temporary directory next to `path`; swaps it in for `path` when the block succeeds."""

@@ -27,13 +27,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import atomic_write_text
 from .errors import DataError
 
 TEXT_FILE = Path(__file__).resolve().parent / "texts" / "general_english.txt"
@@ -314,15 +314,6 @@ def check(manifest: dict, roots: list[Path], text_file: Path = TEXT_FILE) -> str
     return sha
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = p.add_mutually_exclusive_group(required=True)
@@ -346,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                          "bitnet_train); paths are relative to site-packages; built by bitnet_train/general_set.py",
                 "sources": used}
     TEXT_FILE.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(TEXT_FILE, text)
-    _write_atomically(MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
+    atomic_write_text(TEXT_FILE, text)
+    atomic_write_text(MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
     print(f"wrote {TEXT_FILE} ({len(text):,} chars, {len(used)} documents, sha256 {manifest['sha256']}) and {MANIFEST_FILE}")
     return 0
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic import atomic_file, atomic_write_text
 from .errors import DataError
 from .model import BitNetModel, KVCache
 
@@ -340,17 +341,12 @@ class TeacherCorpus:
         self.dir.mkdir(parents=True, exist_ok=True)
         sha = _sha(stream)
         name = f"tokens-{sha[:16]}.npy"
-        tmp = self.dir / f".{name}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                np.save(f, stream, allow_pickle=False)
-            os.replace(tmp, self.dir / name)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_file(self.dir / name) as tmp, open(tmp, "wb") as f:
+            np.save(f, stream, allow_pickle=False)
         manifest = {**self.meta, "tokens_file": name, "tokens_sha256": sha, "tokens": int(len(stream)),
                     "batches": batches, "generation": generation}
-        _write_text_atomically(self.dir / "manifest.json", json.dumps(manifest, indent=1))
-        _write_text_atomically(self.dir / "samples.txt", _samples(stream, tokenizer))
+        atomic_write_text(self.dir / "manifest.json", json.dumps(manifest, indent=1))
+        atomic_write_text(self.dir / "samples.txt", _samples(stream, tokenizer))
         if previous and previous != name:  # the manifest names the new file now
             (self.dir / previous).unlink(missing_ok=True)
 
@@ -372,15 +368,6 @@ class _Progress:
 
 def _sha(tokens: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int32).tobytes()).hexdigest()
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _samples(stream: np.ndarray, tokenizer: Any, count: int = 12) -> str:

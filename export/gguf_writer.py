@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from .atomic import atomic_file
+from ..atomic import atomic_file
 from .model_tensors import ModelTensors
 from .schema import DTYPE_ITEMSIZE, TERNARY, FormatError, dense_shapes, linear_shapes
 

@@ -44,7 +44,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .atomic import atomic_dir
+from ..atomic import atomic_dir
 from .model_tensors import ModelTensors, dense_names, ternary_names
 from .schema import FormatError, linear_shapes
 

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from . import packing as packing_mod
-from .atomic import atomic_file
+from ..atomic import atomic_file
 from .model_tensors import ModelTensors
 from .schema import (
     DATA_ALIGN, DENSE, DTYPE_ITEMSIZE, FORMAT_NAME, QUANT_FIXED, TERNARY, FormatError,

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from bitnet_train.export.atomic import atomic_dir, atomic_file
+from bitnet_train.atomic import atomic_dir, atomic_file
 
 
 def umask() -> int:
