@@ -9,7 +9,11 @@ Arms (all from the same full-precision source, same data, same validation on hel
 Not in the default set: plain_qat_no_warmup and qat_kd_no_warmup (no lambda warm-up), distill_only
 (the full recipe without its CE stage: distillation from the first step), and full_recipe_mix (the full
 recipe with --teacher-fraction of its training blocks from the teacher-written corpus,
-data.teacher_corpus; generated once and cached, the generation is not in its train seconds).
+data.teacher_corpus; generated once and cached, the generation is not in its train seconds),
+full_recipe_ft_teacher (distils from the fp_finetune arm's model), full_recipe_hidden (+ hidden-state
+loss), full_recipe_gptq / full_recipe_gptq_recon (GPTQ-style ternary codes before training, then
+block-wise reconstruction; the conversion's seconds count in the arm's train seconds), and
+full_recipe_lr5e-4 / full_recipe_lr2e-3 / full_recipe_wd0 (the schedule).
 
 Modes:
   --mode tokens  every arm trains the same number of steps (same tokens): the number of steps
@@ -63,7 +67,16 @@ ARMS = {
     "full_recipe_ft_teacher": {"recipe": "smollm2_135m_1p58_distill", "extra": [], "staged": True,
                                "teacher_from": "fp_finetune"},
     # the full recipe plus a per-layer hidden-state loss (cosine to the teacher's residual stream, every layer)
-    "full_recipe_hidden": {"recipe": "smollm2_135m_1p58_distill", "extra": ["distill.hidden_weight=1.0"]},
+    # issue 17, 1.3: GPTQ-style ternary codes on calibration activations, then block-wise reconstruction
+    "full_recipe_gptq": {"recipe": "smollm2_135m_1p58_distill", "extra": ["convert.method=gptq"], "staged": True},
+    "full_recipe_gptq_recon": {"recipe": "smollm2_135m_1p58_distill",
+                               "extra": ["convert.method=gptq", "convert.recon_steps=20"], "staged": True},
+    # issue 17, 1.4: the schedule for tiny budgets (the recipe: lr 1e-3, weight decay 0.05, quantized from step 0)
+    "full_recipe_lr5e-4": {"recipe": "smollm2_135m_1p58_distill", "extra": ["optim.lr=5e-4"], "staged": True},
+    "full_recipe_lr2e-3": {"recipe": "smollm2_135m_1p58_distill", "extra": ["optim.lr=2e-3"], "staged": True},
+    "full_recipe_wd0": {"recipe": "smollm2_135m_1p58_distill", "extra": ["optim.weight_decay=0"], "staged": True},
+    "full_recipe_hidden": {"recipe": "smollm2_135m_1p58_distill", "extra": ["distill.hidden_weight=1.0"],
+                           "staged": True},
 }
 DEFAULT_ARMS = ["plain_qat", "qat_kd", "full_recipe", "fp_finetune"]
 DEFAULT_BUDGET_MINUTES = 25.0
@@ -199,7 +212,9 @@ def run_arm(arm: str, steps: int, run_dir: Path, common: list[str], val_every: i
         "arm": arm,
         "steps": sum(s["steps"] for s in stages),
         "tokens": sum(s["tokens"] for s in stages),
-        "train_seconds": round(sum(s["train_seconds"] for s in stages), 1),
+        # the conversion before training (convert.method=gptq) is part of the arm's budget
+        "train_seconds": round(sum(s["train_seconds"] + s.get("convert_seconds", 0.0) for s in stages), 1),
+        "convert_seconds": sum(s.get("convert_seconds", 0.0) for s in stages),
         "wall_seconds": round(wall, 1),
         "val_loss": summary["val_loss"],
         "val_ppl": summary["val_ppl"],

@@ -109,6 +109,41 @@ def _act_codes(x32: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tenso
 
 _HAS_INT_MM = hasattr(torch, "_int_mm")
 
+try:  # csrc/train/quant_ops.cpp: the two quantizers above in one pass each, bit for bit
+    from . import _quant_ops
+except ImportError:  # a source tree without the built extension: the reference ops above
+    _quant_ops = None
+# Switch for tests and benchmarks: False runs the reference quantizers on every path.
+USE_FUSED = True
+_KIND = {torch.float32: 1, torch.bfloat16: 2}
+
+
+def _fused_ok(x: torch.Tensor, w: torch.Tensor, mm_dtype: torch.dtype) -> bool:
+    return (USE_FUSED and _quant_ops is not None and _HAS_INT_MM and x.device.type == "cpu"
+            and x.dtype in _KIND and w.dtype == torch.float32 and mm_dtype in _KIND)
+
+
+def _fused_act(x: torch.Tensor, eps: float, mm_dtype: torch.dtype):
+    """-> (int8 codes, s_x (..., 1) fp32, x_eff = codes / s_x in mm_dtype): _act_codes' values, one pass."""
+    x = x.contiguous()
+    cols = x.shape[-1]
+    codes = torch.empty(x.shape, dtype=torch.int8)
+    s_x = torch.empty((*x.shape[:-1], 1), dtype=torch.float32)
+    x_eff = torch.empty(x.shape, dtype=mm_dtype)
+    _quant_ops.act_rows(x.data_ptr(), x.dtype == torch.bfloat16, x.numel() // max(cols, 1), cols, eps,
+                        codes.data_ptr(), s_x.data_ptr(), x_eff.data_ptr(), _KIND[mm_dtype])
+    return codes, s_x, x_eff
+
+
+def _fused_weight(w32: torch.Tensor, eps: float, mm_dtype: torch.dtype):
+    """-> (int8 codes, s_w, w_eff = codes * s_w in mm_dtype): _weight_codes' values; s_w is torch's mean."""
+    w32 = w32.contiguous()
+    s_w = w32.abs().mean().clamp_(min=eps)
+    codes = torch.empty(w32.shape, dtype=torch.int8)
+    w_eff = torch.empty(w32.shape, dtype=mm_dtype)
+    _quant_ops.weight_codes(w32.data_ptr(), w32.numel(), float(s_w), codes.data_ptr(), w_eff.data_ptr(), _KIND[mm_dtype])
+    return codes, s_w, w_eff
+
 
 def _integer_product(x_codes: torch.Tensor, w_codes: torch.Tensor, mm_dtype: torch.dtype) -> torch.Tensor:
     """x_codes @ w_codes^T of integer-valued fp32 codes (int8 range), as exact fp32 sums.
@@ -146,6 +181,15 @@ class _BitLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, lam: float, eps: float):
         mm_dtype = _matmul_dtype(x)
+        if lam == 1.0 and _fused_ok(x, w, mm_dtype):
+            x_i8, s_x, x_eff = _fused_act(x, eps, mm_dtype)
+            w_i8, s_w, w_eff = _fused_weight(w, eps, mm_dtype)
+            lead = x_i8.shape[:-1]
+            acc = torch._int_mm(x_i8.reshape(-1, x_i8.shape[-1]), w_i8.t()).view(*lead, w_i8.shape[0]).float()
+            y = acc.mul_(s_w / s_x)
+            ctx.save_for_backward(x_eff, w_eff)
+            ctx.in_dtypes = (x.dtype, w.dtype)
+            return y.to(mm_dtype if mm_dtype != torch.float32 else x.dtype)
         x32 = x if x.dtype == torch.float32 else x.float()
         w32 = w if w.dtype == torch.float32 else w.float()
         x_codes, s_x = _act_codes(x32, eps)  # (..., in), (..., 1)

@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .conversion import ConvertConfig, convert_model
 from .distill import DistillConfig, DistillLM, TopKLogitCache, build_teacher, corpus_fingerprint, model_fingerprint
 from .errors import CheckpointError, ConfigError
 from .lightning_module import BitNetLM
@@ -296,6 +297,8 @@ def _run_stages(cfg: DictConfig) -> dict:
         scfg.run_dir, scfg.resume = str(stage_dir), cfg.resume
         if previous_model is not None:
             scfg.model.init_from, scfg.model.gguf_file = str(previous_model), None
+            if "convert" in scfg:  # stage N+1 continues stage N's trained codes: converting again would undo it
+                scfg.convert.method = "round"
         if scfg.distill.get("teacher") is None:
             scfg.distill.teacher, scfg.distill.teacher_gguf_file = source["teacher"], source["teacher_gguf_file"]
         if cfg.resume == "auto" and (stage_dir / "model" / "config.json").is_file():
@@ -331,7 +334,13 @@ def _run_single(cfg: DictConfig) -> dict:
         qcfg = source_model.quant_config
     dcfg = _checked(lambda: DataConfig(**_as_dict(cfg.data), seed=int(cfg.seed)), "data")
     distill = _checked(lambda: DistillConfig.from_dict(_as_dict(cfg.get("distill"))), "distill")
-    corpus_teacher = teacher_tokens = None
+    convert = _checked(lambda: ConvertConfig.from_dict(_as_dict(cfg.get("convert") or {})), "convert")
+    if convert.method != "round":
+        if source_model is None:
+            raise ConfigError(f"convert.method={convert.method} converts an imported model: set model.init_from")
+        if qcfg.method == "none":
+            raise ConfigError(f"convert.method={convert.method} chooses ternary codes: it needs quant=ternary")
+    corpus_teacher = teacher_tokens = convert_seconds = None
     if dcfg.teacher_corpus.fraction > 0:
         max_seq_len = source_model.config.max_seq_len if source_model is not None else int(mcfg_raw["max_seq_len"])
         corpus_teacher, teacher_tokens = _teacher_corpus(dcfg, distill, mcfg_raw, tokenizer, max_seq_len)
@@ -369,6 +378,13 @@ def _run_single(cfg: DictConfig) -> dict:
             from .importers import calibrate_subln
 
             provenance["subln_calibration"] = calibrate_subln(source_model, _calibration_ids(dm.train_blocks))
+        if convert.method != "round":
+            if qcfg.lambda_warmup_steps:
+                print(f"note: convert.method={convert.method} with quant.lambda_warmup_steps="
+                      f"{qcfg.lambda_warmup_steps}: the ramp blends in latent weights that are no longer the source's")
+            provenance["convert"] = convert_model(source_model, _calibration_ids(dm.train_blocks, convert.calib_blocks),
+                                                  convert)
+            convert_seconds = provenance["convert"]["seconds"]
         lm.model.load_state_dict(source_model.state_dict())
     del source_model
     if distill.needs_teacher:
@@ -420,6 +436,7 @@ def _run_single(cfg: DictConfig) -> dict:
         "steps": trainer.global_step,
         "tokens": tokens,
         "train_seconds": round(train_seconds, 1),
+        **({"convert_seconds": convert_seconds} if convert_seconds is not None else {}),  # before training, not in it
         "precision": str(trainer.precision),
         "params": lm.model.num_parameters(),
         "run_dir": str(run_dir),

@@ -190,3 +190,15 @@ def test_the_fine_tuned_teacher_arm_distils_from_the_fp_arms_model(study, tmp_pa
     assert cfg.distill.teacher == str(model_dir) and [s.trainer.max_steps for s in cfg.stages] == [6, 24]
     probe = compose_config(study.arm_overrides("full_recipe_ft_teacher", 30, tmp_path / "p", [], val_every=6))
     assert probe.distill.teacher is None  # a probe times the step with the recipe's own teacher
+
+
+def test_every_arm_on_the_staged_recipe_takes_the_studys_steps_in_its_two_stages(study, tmp_path):
+    from bitnet_train.config import compose_config
+
+    for arm, spec in study.ARMS.items():
+        if spec["recipe"] != "smollm2_135m_1p58_distill" or "stages=null" in spec["extra"]:
+            continue
+        cfg = compose_config(study.arm_overrides(arm, 30, tmp_path / arm, [], val_every=6))
+        assert [s.trainer.max_steps for s in cfg.stages] == [6, 24], arm  # not the recipe's own 20 + 80
+    gptq = compose_config(study.arm_overrides("full_recipe_gptq_recon", 30, tmp_path / "g", [], val_every=6))
+    assert gptq.convert.method == "gptq" and gptq.convert.recon_steps > 0

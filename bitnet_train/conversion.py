@@ -1,0 +1,321 @@
+"""A better start than rounding: choose a full-precision model's ternary codes on calibration data.
+
+QAT from an imported model starts from absmean rounding of each weight tensor. On the same served
+format (per-tensor codes in {-1, 0, +1}, one scale s) the codes can be chosen better before any
+training (issue 17, section 1.3):
+
+* **Error-compensated rounding** (GPTQ, Frantar et al. 2022, on the fixed grid {-s, 0, +s}): the
+  columns of W are rounded one at a time and each column's rounding error is spread over the columns
+  not yet rounded, through the inverse Hessian of the layer's output error on calibration
+  activations, H = X^T X (X: the layer's int8-quantized inputs). The scale is then refit in closed
+  form for the chosen codes, s = <Q H, W> / <Q H, Q> (least squares of the output error), and the
+  rounding run again with it; the best of the passes and of plain rounding is kept (never worse than
+  rounding on the calibration activations). Layers go block by block and, inside a block, in the order
+  their inputs are computed (q/k/v, o, gate/up, down), each on inputs that already pass through the
+  quantized layers before it.
+* **Block-wise reconstruction** (EfficientQAT's Block-AP, Chen et al. 2024): then each block's latent
+  weights and norms train for `recon_steps` Adam steps (straight-through, as in QAT) to reproduce the
+  full-precision block's output on the cached calibration inputs; no lm_head, so each step is cheap.
+
+Our BitLinear holds latent weights and quantizes them every forward (s = mean|W|, codes = round(W/s)),
+so the chosen (codes, s) are written back as latent weights whose absmean quantization gives exactly
+those codes and that scale (`ternary_latent`), keeping each weight's compensated value inside its
+code's rounding interval so that training can still flip the codes that sit near a threshold.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .dict_config import DictSerializable
+from .errors import ConfigError
+from .quant import BitLinear, act_quant, ternary_master_weight, weight_quant, weight_scale
+
+METHODS = ("round", "gptq")
+# Inside a block, the order in which a Llama-style block computes its linears' inputs.
+LINEAR_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+# ternary_latent keeps every latent weight this far (relative) inside its code's rounding interval.
+MARGIN = 1e-3
+
+
+@dataclass
+class ConvertConfig(DictSerializable):
+    section = "convert"
+
+    method: str = "round"  # round: absmean rounding at the first forward (as before) | gptq
+    calib_blocks: int = 16  # training blocks the calibration activations come from
+    damp: float = 0.01  # GPTQ: added to H's diagonal, as a fraction of its mean
+    act_order: bool = True  # GPTQ: round the columns with the largest H diagonal first
+    block_size: int = 128  # GPTQ: columns per lazy update
+    scale_passes: int = 2  # GPTQ passes, each with the scale refit from the last one's codes
+    recon_steps: int = 0  # block-wise reconstruction: Adam steps per block (0: none)
+    recon_lr: float = 5e-4
+    recon_batch: int = 4  # calibration blocks per reconstruction step
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(f"convert.method must be one of {list(METHODS)}, got {self.method!r}")
+        for name in ("calib_blocks", "block_size", "scale_passes", "recon_batch"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"convert.{name} must be >= 1, got {getattr(self, name)}")
+        if self.recon_steps < 0:
+            raise ConfigError(f"convert.recon_steps must be >= 0, got {self.recon_steps}")
+        if not self.damp > 0:
+            raise ConfigError(f"convert.damp must be > 0, got {self.damp}")
+        if self.recon_steps and not self.recon_lr > 0:
+            raise ConfigError(f"convert.recon_lr must be > 0, got {self.recon_lr}")
+
+
+# -- one layer ----------------------------------------------------------------------------------------
+
+def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
+    """tr((W - Wq) H (W - Wq)^T): the summed squared output error over the calibration inputs."""
+    d = (w.double() - wq.double())
+    return float(((d @ h.double()) * d).sum())
+
+
+def refit_scale(w: torch.Tensor, codes: torch.Tensor, h: torch.Tensor) -> float:
+    """The s minimising output_error(W, s * Q, H): <Q H, W> / <Q H, Q> (0 codes: absmean)."""
+    q, hd = codes.double(), h.double()
+    qh = q @ hd
+    den = float((qh * q).sum())
+    if den <= 0:
+        return float(weight_scale(w))
+    return float((qh * w.double()).sum()) / den
+
+
+def gptq_codes(w: torch.Tensor, h: torch.Tensor, s: float, *, damp: float = 0.01, block_size: int = 128,
+               act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ rounding of W (out, in) to s * {-1, 0, 1} given H (in, in). -> (codes, compensated).
+
+    codes: float64 in {-1, 0, 1}; compensated: each weight's value at the moment it was rounded
+    (the original weight plus the error spread onto it), so codes == clamp(round(compensated / s)).
+    Columns whose inputs never fired (H diagonal 0) are rounded as they are and spread nothing."""
+    W = w.double().clone()
+    H = h.double().clone()
+    n = W.shape[1]
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    H += torch.eye(n, dtype=H.dtype) * (damp * float(torch.diagonal(H).mean()))
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else torch.arange(n)
+    W, H = W[:, perm], H[perm][:, perm]
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q, C = torch.zeros_like(W), torch.zeros_like(W)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        E1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = W1[:, i]
+            q = (col / s).round().clamp(-1, 1)
+            Q[:, i1 + i], C[:, i1 + i] = q, col
+            err = (col - q * s) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    return Q[:, inv], C[:, inv]
+
+
+@dataclass
+class LayerResult:
+    codes: torch.Tensor  # float64 {-1, 0, 1}
+    scale: float
+    positions: torch.Tensor  # float64: latent weights / scale before ternary_latent's adjustment
+    error: float  # output_error of the kept (codes, scale)
+    round_error: float  # output_error of absmean rounding
+
+
+def ternary_gptq(w: torch.Tensor, h: torch.Tensor, cfg: ConvertConfig | None = None) -> LayerResult:
+    """Codes and scale for one weight tensor: `scale_passes` GPTQ passes (each with the scale refit in
+    closed form from the previous codes), and absmean rounding; the lowest output error is kept."""
+    cfg = cfg or ConvertConfig(method="gptq")
+    codes, s_w = weight_quant(w)
+    s0 = float(s_w)
+    w64 = w.double()
+    best = LayerResult(codes.double(), s0, w64 / s0, output_error(w, codes.double() * s0, h), 0.0)
+    best.round_error = best.error
+    s = s0
+    for _ in range(cfg.scale_passes):
+        q, comp = gptq_codes(w, h, s, damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order)
+        s_fit = refit_scale(w, q, h)
+        if not s_fit > 0:
+            break
+        err = output_error(w, q * s_fit, h)
+        if err < best.error:
+            # comp / s rounds to q; rescaled to s_fit the positions keep their place in the intervals
+            best = LayerResult(q, s_fit, comp / s, err, best.round_error)
+        s = s_fit
+    return best
+
+
+def ternary_latent(codes: torch.Tensor, positions: torch.Tensor, scale: float, eps: float = 1e-5) -> torch.Tensor:
+    """fp32 latent weights W with weight_quant(W) == (codes, scale): codes exactly, the scale to float ulps.
+
+    positions: where each weight sits relative to the scale (codes == clamp(round(positions))). Each is
+    moved by as little as needed: into its code's interval with a MARGIN, then the nonzero codes'
+    magnitudes scaled (or, when that cannot reach it, the zeros') so that mean|positions| == 1, which
+    makes absmean's s equal `scale`. Falls back to `ternary_master_weight` if float rounding ever
+    moved a code."""
+    q = codes.double()
+    p = positions.double().clone()
+    nz = q != 0
+    hi, lo = 0.5 * (1 + MARGIN), 0.5 * (1 - MARGIN)
+    a = torch.where(nz, p.abs().clamp(min=hi), torch.zeros_like(p))  # nonzero codes' magnitudes
+    z = torch.where(nz, torch.zeros_like(p), p.abs().clamp(max=lo))  # zero codes' magnitudes
+    n = p.numel()
+    sa, sz = float(a.sum()), float(z.sum())
+    if sa + sz <= n:  # grow the nonzero magnitudes (sa > 0 unless every code is 0)
+        if sa > 0:
+            a = a * ((n - sz) / sa)
+    else:
+        n1 = int(nz.sum())
+        if sz + n1 * hi <= n:  # shrink them, none below the threshold: bisect k in a' = max(k a, hi)
+            k_lo, k_hi = 0.0, 1.0
+            for _ in range(80):
+                k = 0.5 * (k_lo + k_hi)
+                if sz + float((a * k).clamp(min=hi)[nz].sum()) > n:
+                    k_hi = k
+                else:
+                    k_lo = k
+            a = torch.where(nz, (a * k_lo).clamp(min=hi), a)
+            rest = n - sz - float(a[nz].sum())
+            grow = a[nz] > hi  # the ones above the floor take the bisection's remainder
+            if rest > 0 and bool(grow.any()):
+                a[nz] = torch.where(grow, a[nz] * (1 + rest / float(a[nz][grow].sum())), a[nz])
+        else:  # even at the threshold the zeros weigh too much: shrink them
+            a = torch.where(nz, torch.full_like(p, hi), a)
+            z = z * max(0.0, (n - n1 * hi) / sz)
+    sign = torch.where(nz, q.sign(), p.sign())
+    latent = (sign * (a + z) * scale).float()
+    got_codes, got_s = weight_quant(latent, eps)
+    if torch.equal(got_codes, q.float()) and abs(float(got_s) - scale) <= 1e-5 * scale:
+        return latent
+    return ternary_master_weight(q.float(), float(scale), eps)
+
+
+# -- a model ------------------------------------------------------------------------------------------
+
+@contextmanager
+def _fp(linears):
+    """The given BitLinears run in full precision inside the block."""
+    saved = [m.quantize for m in linears]
+    try:
+        for m in linears:
+            m.quantize = False
+        yield
+    finally:
+        for m, q in zip(linears, saved):
+            m.quantize = q
+
+
+def _groups(block) -> list[list[tuple[str, BitLinear]]]:
+    lins = [(n, m) for n, m in block.named_modules() if isinstance(m, BitLinear) and m.quantize]
+    groups, seen = [], set()
+    for suffixes in LINEAR_GROUPS:
+        g = [(n, m) for n, m in lins if n.rsplit(".", 1)[-1] in suffixes]
+        if g:
+            groups.append(g)
+            seen.update(n for n, _ in g)
+    rest = [(n, m) for n, m in lins if n not in seen]
+    return groups + ([rest] if rest else [])
+
+
+def _collect_hessians(block, group, x, cos, sin) -> dict[str, torch.Tensor]:
+    """H = X^T X of each group linear's int8-quantized inputs (dequantized) over the calibration tokens."""
+    hs: dict[str, torch.Tensor] = {}
+
+    def hook(name, module, args):
+        inp = args[0]
+        if module.norm is not None:
+            inp = module.norm(inp)
+        codes, s_x = act_quant(inp)
+        xd = (codes / s_x).reshape(-1, inp.shape[-1]).double()
+        hs[name] = hs.get(name, 0) + xd.t() @ xd
+
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(n, mod, args)) for n, m in group]
+    try:
+        block(x, cos, sin)
+    finally:
+        for h in handles:
+            h.remove()
+    return hs
+
+
+def _reconstruct(block, x_q, y_fp, cos, sin, cfg: ConvertConfig, seed: int) -> tuple[float, float]:
+    """Train the block (latent weights + norms, STE) toward y_fp on x_q. -> (mse before, after)."""
+    params = [p for p in block.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.recon_lr)
+    g = torch.Generator().manual_seed(seed)
+    n = x_q.shape[0]
+
+    def mse() -> float:
+        with torch.no_grad():
+            return float(F.mse_loss(block(x_q, cos, sin), y_fp))
+
+    before = mse()
+    for _ in range(cfg.recon_steps):
+        idx = torch.randperm(n, generator=g)[: min(cfg.recon_batch, n)]
+        with torch.enable_grad():
+            loss = F.mse_loss(block(x_q[idx], cos, sin), y_fp[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        opt.step()
+    return before, mse()
+
+
+@torch.no_grad()
+def convert_model(model, ids: torch.Tensor, cfg: ConvertConfig, log=print) -> dict:
+    """Choose the ternary codes of every quantized BitLinear of `model` (a BitNetModel whose latent
+    weights are the full-precision source's) on calibration token ids (B, T), in place. -> report."""
+    if cfg.method == "round":
+        return {"method": "round"}
+    if ids.dim() != 2:
+        raise ConfigError(f"calibration ids must be (batch, tokens), got {tuple(ids.shape)}")
+    t0 = time.time()
+    was_training = model.training
+    model.eval()
+    T = ids.shape[1]
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    x_fp = model.embed_tokens(ids.long()).float()
+    x_q = x_fp.clone()
+    ratios, layers, recon = [], 0, []
+    try:
+        for bi, block in enumerate(model.layers):
+            groups = _groups(block)
+            all_lins = [m for g in groups for _, m in g]
+            with _fp(all_lins):
+                y_fp = block(x_fp, cos, sin)
+            pending = list(all_lins)
+            for group in groups:
+                with _fp(pending):  # this group and the later ones full precision; the earlier ones ternary
+                    hs = _collect_hessians(block, group, x_q, cos, sin)
+                for name, m in group:
+                    r = ternary_gptq(m.weight.detach(), hs[name], cfg)
+                    m.weight.copy_(ternary_latent(r.codes, r.positions, r.scale, m.eps).to(m.weight.dtype))
+                    ratios.append(r.error / r.round_error if r.round_error > 0 else 1.0)
+                    layers += 1
+                    pending.remove(m)
+            if cfg.recon_steps:
+                model.train()
+                recon.append(_reconstruct(block, x_q, y_fp, cos, sin, cfg, seed=bi))
+                model.eval()
+            x_q, x_fp = block(x_q, cos, sin), y_fp
+    finally:
+        model.train(was_training)
+    report = {"method": "gptq", "layers": layers, "calibration_tokens": int(ids.numel()),
+              "error_vs_round_mean": sum(ratios) / max(1, len(ratios)), "seconds": round(time.time() - t0, 1)}
+    if recon:
+        report["recon_mse_before_after"] = [sum(b for b, _ in recon) / len(recon), sum(a for _, a in recon) / len(recon)]
+    msg = (f"convert gptq: {layers} linears on {ids.numel():,} calibration tokens, output error "
+           f"{report['error_vs_round_mean']:.3f}x rounding's (mean over layers)")
+    if recon:
+        b, a = report["recon_mse_before_after"]
+        msg += f"; block reconstruction ({cfg.recon_steps} steps/block): block MSE {b:.3g} -> {a:.3g}"
+    log(msg + f" ({report['seconds']} s)")
+    return report
