@@ -13,7 +13,9 @@ data.teacher_corpus; generated once and cached, the generation is not in its tra
 full_recipe_ft_teacher (distils from the fp_finetune arm's model), full_recipe_hidden (+ hidden-state
 loss), full_recipe_gptq / full_recipe_gptq_recon (GPTQ-style ternary codes before training, then
 block-wise reconstruction; the conversion's seconds count in the arm's train seconds), and
-full_recipe_lr5e-4 / full_recipe_lr2e-3 / full_recipe_wd0 (the schedule).
+full_recipe_lr5e-4 / full_recipe_lr2e-3 / full_recipe_wd0 / full_recipe_ramp (a lambda ramp over half the CE
+stage instead of quantized from step 0) / full_recipe_weight_only_first (the CE stage with ternary weights and
+full-precision activations).
 
 Modes:
   --mode tokens  every arm trains the same number of steps (same tokens): the number of steps
@@ -74,6 +76,9 @@ ARMS = {
     # issue 17, 1.4: the schedule for tiny budgets (the recipe: lr 1e-3, weight decay 0.05, quantized from step 0)
     "full_recipe_lr5e-4": {"recipe": "smollm2_135m_1p58_distill", "extra": ["optim.lr=5e-4"], "staged": True},
     "full_recipe_lr2e-3": {"recipe": "smollm2_135m_1p58_distill", "extra": ["optim.lr=2e-3"], "staged": True},
+    "full_recipe_weight_only_first": {"recipe": "smollm2_135m_1p58_distill", "extra": [], "staged": True,
+                                      "weight_only_stage1": True},
+    "full_recipe_ramp": {"recipe": "smollm2_135m_1p58_distill", "extra": [], "staged": True, "ramp_stage1": True},
     "full_recipe_wd0": {"recipe": "smollm2_135m_1p58_distill", "extra": ["optim.weight_decay=0"], "staged": True},
     "full_recipe_hidden": {"recipe": "smollm2_135m_1p58_distill", "extra": ["distill.hidden_weight=1.0"],
                            "staged": True},
@@ -178,6 +183,10 @@ def arm_overrides(arm: str, steps: int, run_dir: Path, common: list[str], val_ev
     s2 = max(1, steps - s1)
     optim1 = {k: v for k, v in {"lr": stage1_lr, "warmup_steps": stage1_warmup_steps}.items() if v is not None}
     optim1_yaml = f", optim: {{{', '.join(f'{k}: {v}' for k, v in optim1.items())}}}" if optim1 else ""
+    if spec.get("ramp_stage1"):  # the lambda ramp (HF's fine-tuning recipe) over the first half of the CE stage
+        optim1_yaml += f", quant: {{lambda_warmup_steps: {max(1, s1 // 2)}}}"
+    if spec.get("weight_only_stage1"):  # full-precision activations through the CE stage, int8 from distillation on
+        optim1_yaml += f", quant: {{act_quant_from_step: {s1}}}"
     return [*overrides,
             f"stages=[{{stage: continued_pretraining, trainer: {{max_steps: {s1}, val_check_interval: {max(1, min(val_every, s1))}}},"
             f" distill: {{enabled: false}}{optim1_yaml}}}, {{stage: distillation, trainer: {{max_steps: {s2},"

@@ -10,7 +10,7 @@ import torch
 from .cli_errors import EXIT_RUN_FAILED
 from .errors import BitNetError
 from .model import BitNetModel, ModelConfig, QuantConfig
-from .quant import lambda_at, set_model_lambda
+from .quant import lambda_at, set_model_act_quant, set_model_lambda
 from .schedule import OptimConfig, lr_multiplier, weight_decay_at
 
 
@@ -36,6 +36,7 @@ class BitNetLM(L.LightningModule):
         q = self.model.quant_config
         if q.method != "none":
             set_model_lambda(self.model, lambda_at(step, q.lambda_warmup_steps, q.lambda_schedule))
+            set_model_act_quant(self.model, step >= q.act_quant_from_step)
         wd = weight_decay_at(step, self.total_steps, self.optim_cfg)
         for group in self.optimizers().param_groups:
             if group.get("decay", False):

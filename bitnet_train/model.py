@@ -80,8 +80,13 @@ class QuantConfig(DictSerializable):
     keep_high_precision: list[str] = field(default_factory=list)
     lambda_warmup_steps: int = 0  # 0: lambda = 1 from the start (training from scratch)
     lambda_schedule: str = "linear"
+    # Weight-only quantization before this step (full-precision activations in training; evaluation and
+    # export always quantize them): "weight-only first, int8 activations later". 0: int8 from the start.
+    act_quant_from_step: int = 0
 
     def __post_init__(self):
+        if int(self.act_quant_from_step) < 0:
+            raise ValueError(f"quant.act_quant_from_step must be >= 0, got {self.act_quant_from_step}")
         if self.method not in ("b1.58", "none"):
             raise ValueError(f"quant method must be 'b1.58' or 'none', got {self.method!r}")
         self.keep_high_precision = list(self.keep_high_precision)

@@ -179,8 +179,19 @@ class _BitLinearFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, lam: float, eps: float):
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, lam: float, eps: float, act: bool = True):
         mm_dtype = _matmul_dtype(x)
+        ctx.in_dtypes = (x.dtype, w.dtype)
+        out_dtype = mm_dtype if mm_dtype != torch.float32 else x.dtype
+        if not act:  # weight-only quantization (quant.act_quant_from_step): the input as it is
+            w32 = w if w.dtype == torch.float32 else w.float()
+            w_codes, s_w = _weight_codes(w32, eps)
+            w_eff = w_codes.mul_(s_w)
+            if lam != 1.0:
+                w_eff = w_eff.sub_(w32).mul_(lam).add_(w32)
+            x_eff, w_eff = x.to(mm_dtype), w_eff.to(mm_dtype)
+            ctx.save_for_backward(x_eff, w_eff)
+            return F.linear(x_eff, w_eff).to(out_dtype)
         if lam == 1.0 and _fused_ok(x, w, mm_dtype):
             x_i8, s_x, x_eff = _fused_act(x, eps, mm_dtype)
             w_i8, s_w, w_eff = _fused_weight(w, eps, mm_dtype)
@@ -188,8 +199,7 @@ class _BitLinearFn(torch.autograd.Function):
             acc = torch._int_mm(x_i8.reshape(-1, x_i8.shape[-1]), w_i8.t()).view(*lead, w_i8.shape[0]).float()
             y = acc.mul_(s_w / s_x)
             ctx.save_for_backward(x_eff, w_eff)
-            ctx.in_dtypes = (x.dtype, w.dtype)
-            return y.to(mm_dtype if mm_dtype != torch.float32 else x.dtype)
+            return y.to(out_dtype)
         x32 = x if x.dtype == torch.float32 else x.float()
         w32 = w if w.dtype == torch.float32 else w.float()
         x_codes, s_x = _act_codes(x32, eps)  # (..., in), (..., 1)
@@ -205,8 +215,6 @@ class _BitLinearFn(torch.autograd.Function):
             w_eff = w_codes.mul_(s_w).sub_(w32).mul_(lam).add_(w32).to(mm_dtype)
             y = F.linear(x_eff, w_eff).float()
         ctx.save_for_backward(x_eff, w_eff)
-        ctx.in_dtypes = (x.dtype, w.dtype)
-        out_dtype = mm_dtype if mm_dtype != torch.float32 else x.dtype
         return y.to(out_dtype)
 
     @staticmethod
@@ -218,7 +226,7 @@ class _BitLinearFn(torch.autograd.Function):
             grad_x = (g @ w_eff).to(ctx.in_dtypes[0])  # (..., in)
         if ctx.needs_input_grad[1]:
             grad_w = (g.reshape(-1, g.shape[-1]).t() @ x_eff.reshape(-1, x_eff.shape[-1])).to(ctx.in_dtypes[1])
-        return grad_x, grad_w, None, None
+        return grad_x, grad_w, None, None, None
 
 
 class RMSNorm(nn.Module):
@@ -264,6 +272,9 @@ class BitLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         # lambda is a buffer so that it is checkpointed and restored on resume.
         self.register_buffer("lam", torch.tensor(1.0), persistent=True)
+        # False: weight-only quantization while training (quant.act_quant_from_step; set every step from
+        # the step, so not checkpointed). Evaluation always quantizes the activations: the served function.
+        self.act_quant = True
         nn.init.normal_(self.weight, std=0.02)
 
     def set_lambda(self, lam: float) -> None:
@@ -276,7 +287,7 @@ class BitLinear(nn.Module):
             x = self.norm(x)
         if not self.quantize:
             return F.linear(x, self.weight, self.bias)
-        y = _BitLinearFn.apply(x, self.weight, float(self.lam), self.eps)
+        y = _BitLinearFn.apply(x, self.weight, float(self.lam), self.eps, self.act_quant or not self.training)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,6 +309,13 @@ def lambda_at(step: int, warmup_steps: int, schedule: str = "linear") -> float:
     if schedule != "linear":
         raise ValueError(f"unknown lambda schedule {schedule!r}; expected 'linear' or 'none'")
     return min(1.0, max(0.0, step / warmup_steps))
+
+
+def set_model_act_quant(model: nn.Module, on: bool) -> None:
+    """int8 activations on (the contract) or off (weight-only quantization) in training mode."""
+    for m in model.modules():
+        if isinstance(m, BitLinear):
+            m.act_quant = bool(on)
 
 
 def set_model_lambda(model: nn.Module, lam: float) -> None:

@@ -329,6 +329,10 @@ def _run_single(cfg: DictConfig) -> dict:
     if max_steps <= 0:
         raise ConfigError(f"trainer.max_steps must be positive, got {max_steps}")
 
+    if qcfg.act_quant_from_step >= max_steps and qcfg.method != "none":
+        print(f"note: quant.act_quant_from_step={qcfg.act_quant_from_step} >= trainer.max_steps={max_steps}: this run "
+              "trains with full-precision activations throughout (weight-only); its validation and the saved model "
+              "quantize them to int8, as the runtime does")
     source_model, tokenizer, provenance = build_source_model(mcfg_raw, qcfg)
     if source_model is not None:  # an HF bitnet import adds the linears its checkpoint keeps dense
         qcfg = source_model.quant_config

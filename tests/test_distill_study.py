@@ -202,3 +202,7 @@ def test_every_arm_on_the_staged_recipe_takes_the_studys_steps_in_its_two_stages
         assert [s.trainer.max_steps for s in cfg.stages] == [6, 24], arm  # not the recipe's own 20 + 80
     gptq = compose_config(study.arm_overrides("full_recipe_gptq_recon", 30, tmp_path / "g", [], val_every=6))
     assert gptq.convert.method == "gptq" and gptq.convert.recon_steps > 0
+    wo = compose_config(study.arm_overrides("full_recipe_weight_only_first", 30, tmp_path / "w", [], val_every=6))
+    assert wo.stages[0].quant.act_quant_from_step == 6 and "quant" not in wo.stages[1]
+    ramp = compose_config(study.arm_overrides("full_recipe_ramp", 30, tmp_path / "r", [], val_every=6))
+    assert ramp.stages[0].quant.lambda_warmup_steps == 3 and ramp.quant.lambda_warmup_steps == 0

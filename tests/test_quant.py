@@ -429,3 +429,50 @@ def test_ternary_master_weight_refuses_what_is_not_ternary():
                                  (torch.tensor([[1.0]]), float("nan"), "finite positive")):
         with pytest.raises(ValueError, match=needle):
             ternary_master_weight(codes, scale)
+
+
+def test_weight_only_quantization_trains_with_the_input_as_it_is_and_evaluates_with_int8():
+    from bitnet_train.quant import set_model_act_quant
+
+    torch.manual_seed(0)
+    layer = BitLinear(40, 24)
+    x = torch.randn(5, 40) * 3
+    codes, s_w = weight_quant(layer.weight)
+    set_model_act_quant(layer, False)
+    layer.train()
+    # by hand: ternary weights, full-precision input
+    assert torch.allclose(layer(x), x @ (codes * s_w).t(), atol=1e-5)
+    xi = x.clone().requires_grad_(True)
+    layer(xi).sum().backward()
+    assert torch.allclose(xi.grad, (codes * s_w).sum(0).expand(5, 40), atol=1e-5)
+    assert torch.allclose(layer.weight.grad, x.sum(0).expand(24, 40), atol=1e-4)  # STE: dW = g^T x
+    layer.eval()  # evaluation is the served function: int8 activations whatever the training phase
+    xq, s_x = act_quant(x)
+    assert torch.equal(layer(x), (xq @ codes.t()) * (s_w / s_x))
+    set_model_act_quant(layer, True)
+    layer.train()
+    assert torch.equal(layer(x), (xq @ codes.t()) * (s_w / s_x))
+
+
+def test_act_quant_from_step_switches_int8_activations_on_at_that_step():
+    from bitnet_train.lightning_module import BitNetLM
+    from bitnet_train.model import ModelConfig, QuantConfig
+
+    class _LM(BitNetLM):  # the step and optimizer a Trainer would give on_train_batch_start
+        step = 0
+        global_step = property(lambda self: self.step)
+
+        def optimizers(self):
+            return type("O", (), {"param_groups": []})()
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+                      max_seq_len=16)
+    lm = _LM(cfg.to_dict(), QuantConfig(act_quant_from_step=3).to_dict(), {"lr": 1e-3}, total_steps=10)
+    seen = []
+    for step in range(5):
+        lm.step = step
+        lm.on_train_batch_start(None, 0)
+        seen.append({m.act_quant for m in lm.model.bitlinear_modules().values()})
+    assert seen == [{False}, {False}, {False}, {True}, {True}]
+    with pytest.raises(ValueError, match="act_quant_from_step"):
+        QuantConfig(act_quant_from_step=-1)
