@@ -6,7 +6,7 @@ validation blocks of the held-out plays and on the general English set: absmean 
 from), GPTQ-style rounding on calibration activations, and GPTQ followed by block-wise reconstruction.
 
     python bench/convert_probe.py                                   # SmolLM2, the distillation recipe
-    python bench/convert_probe.py --recon-steps 10,40 --calib-blocks 32
+    python bench/convert_probe.py --methods round,round+recon40,gptq+recon40 --calib-blocks 32
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", default="smollm2_135m_1p58_distill")
     p.add_argument("--calib-blocks", type=int, default=16)
-    p.add_argument("--recon-steps", default="20", help="comma-separated block-reconstruction steps to try (0: none)")
+    p.add_argument("--methods", default="round,gptq,gptq+recon20",
+                   help="comma-separated: round | gptq, each optionally +reconN (N block-reconstruction steps per block)")
     p.add_argument("--recon-lr", type=float, default=5e-4)
     p.add_argument("--general-blocks", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0, help="torch seed before each method (reconstruction batches)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     p.add_argument("overrides", nargs="*")
@@ -42,7 +44,7 @@ def main(argv=None) -> int:
     from bitnet_train.importers import calibrate_subln
     from bitnet_train.model import QuantConfig
     from bitnet_train.runtime.bench import cpu_line
-    from bitnet_train.train import _calibration_ids, build_source_model
+    from bitnet_train.train import _calibration_ids, build_source_model, resolve_precision
     from distill_study import score_model
 
     if args.threads:
@@ -59,18 +61,19 @@ def main(argv=None) -> int:
     source.eval()
     print(f"# {cpu_line()}; torch threads {torch.get_num_threads()}; source loaded in {time.time() - t0:.1f} s")
 
-    methods = [("round", ConvertConfig())]
-    for steps in (int(s) for s in args.recon_steps.split(",")):
-        methods.append((f"gptq" + (f" + recon {steps}" if steps else ""),
-                        ConvertConfig(method="gptq", calib_blocks=args.calib_blocks, recon_steps=steps,
-                                      recon_lr=args.recon_lr)))
-    if not any(c.recon_steps == 0 and c.method == "gptq" for _, c in methods):
-        methods.insert(1, ("gptq", ConvertConfig(method="gptq", calib_blocks=args.calib_blocks)))
+    methods = []
+    for spec in args.methods.split(","):
+        base, _, recon = spec.partition("+recon")
+        methods.append((spec, ConvertConfig(method=base, calib_blocks=args.calib_blocks, recon_steps=int(recon or 0),
+                                            recon_lr=args.recon_lr)))
+    autocast = torch.bfloat16 if resolve_precision(str(cfg.trainer.precision), "cpu")[0] == "bf16-mixed" else None
+    print(f"# block reconstruction autocast: {autocast}")
     rows = []
     for name, ccfg in methods:
         model = copy.deepcopy(source)
+        torch.manual_seed(args.seed)
         t = time.time()
-        report = convert_model(model, _calibration_ids(dm.train_blocks, ccfg.calib_blocks), ccfg)
+        report = convert_model(model, _calibration_ids(dm.train_blocks, ccfg.calib_blocks), ccfg, autocast=autocast)
         seconds = time.time() - t
         model.eval()
         scores = score_model(model, tokenizer, cfg, 0, args.general_blocks, val=True)

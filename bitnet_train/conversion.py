@@ -70,6 +70,11 @@ class ConvertConfig(DictSerializable):
         if self.recon_steps and not self.recon_lr > 0:
             raise ConfigError(f"convert.recon_lr must be > 0, got {self.recon_lr}")
 
+    @property
+    def enabled(self) -> bool:
+        """Anything to do before training (round without reconstruction is QAT's own first forward)."""
+        return self.method != "round" or self.recon_steps > 0
+
 
 # -- one layer ----------------------------------------------------------------------------------------
 
@@ -229,14 +234,17 @@ def _groups(block) -> list[list[tuple[str, BitLinear]]]:
 def _collect_hessians(block, group, x, cos, sin) -> dict[str, torch.Tensor]:
     """H = X^T X of each group linear's int8-quantized inputs (dequantized) over the calibration tokens."""
     hs: dict[str, torch.Tensor] = {}
+    shared: dict[tuple, torch.Tensor] = {}  # q/k/v (and gate/up) read one input: one product for them
 
     def hook(name, module, args):
         inp = args[0]
-        if module.norm is not None:
-            inp = module.norm(inp)
-        codes, s_x = act_quant(inp)
-        xd = (codes / s_x).reshape(-1, inp.shape[-1]).double()
-        hs[name] = hs.get(name, 0) + xd.t() @ xd
+        key = (inp.data_ptr(), tuple(inp.shape), module.norm is None)
+        if key not in shared:
+            x = module.norm(inp) if module.norm is not None else inp
+            codes, s_x = act_quant(x)
+            xd = (codes / s_x).reshape(-1, x.shape[-1])
+            shared[key] = (xd.t() @ xd).double()  # fp32 product (4k-token sums), fp64 for the factorisations
+        hs[name] = hs[name] + shared[key] if name in hs else shared[key]
 
     handles = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(n, mod, args)) for n, m in group]
     try:
@@ -247,8 +255,10 @@ def _collect_hessians(block, group, x, cos, sin) -> dict[str, torch.Tensor]:
     return hs
 
 
-def _reconstruct(block, x_q, y_fp, cos, sin, cfg: ConvertConfig, seed: int) -> tuple[float, float]:
-    """Train the block (latent weights + norms, STE) toward y_fp on x_q. -> (mse before, after)."""
+def _reconstruct(block, x_q, y_fp, cos, sin, cfg: ConvertConfig, seed: int,
+                 autocast: torch.dtype | None) -> tuple[float, float]:
+    """Train the block (latent weights + norms, STE) toward y_fp on x_q. -> (mse before, after).
+    autocast: the training's CPU autocast dtype (bf16-mixed), for the steps; the MSEs are fp32."""
     params = [p for p in block.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.recon_lr)
     g = torch.Generator().manual_seed(seed)
@@ -261,8 +271,8 @@ def _reconstruct(block, x_q, y_fp, cos, sin, cfg: ConvertConfig, seed: int) -> t
     before = mse()
     for _ in range(cfg.recon_steps):
         idx = torch.randperm(n, generator=g)[: min(cfg.recon_batch, n)]
-        with torch.enable_grad():
-            loss = F.mse_loss(block(x_q[idx], cos, sin), y_fp[idx])
+        with torch.enable_grad(), torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss = F.mse_loss(block(x_q[idx], cos, sin).float(), y_fp[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
         opt.step()
@@ -270,10 +280,11 @@ def _reconstruct(block, x_q, y_fp, cos, sin, cfg: ConvertConfig, seed: int) -> t
 
 
 @torch.no_grad()
-def convert_model(model, ids: torch.Tensor, cfg: ConvertConfig, log=print) -> dict:
+def convert_model(model, ids: torch.Tensor, cfg: ConvertConfig, log=print, autocast: torch.dtype | None = None) -> dict:
     """Choose the ternary codes of every quantized BitLinear of `model` (a BitNetModel whose latent
-    weights are the full-precision source's) on calibration token ids (B, T), in place. -> report."""
-    if cfg.method == "round":
+    weights are the full-precision source's) on calibration token ids (B, T), in place. -> report.
+    method round with recon_steps: reconstruction from absmean rounding's codes (no GPTQ)."""
+    if not cfg.enabled:
         return {"method": "round"}
     if ids.dim() != 2:
         raise ConfigError(f"calibration ids must be (batch, tokens), got {tuple(ids.shape)}")
@@ -289,31 +300,33 @@ def convert_model(model, ids: torch.Tensor, cfg: ConvertConfig, log=print) -> di
         for bi, block in enumerate(model.layers):
             groups = _groups(block)
             all_lins = [m for g in groups for _, m in g]
+            layers += len(all_lins)
             with _fp(all_lins):
                 y_fp = block(x_fp, cos, sin)
             pending = list(all_lins)
-            for group in groups:
+            for group in groups if cfg.method == "gptq" else ():  # round: reconstruction from rounding's codes
                 with _fp(pending):  # this group and the later ones full precision; the earlier ones ternary
                     hs = _collect_hessians(block, group, x_q, cos, sin)
                 for name, m in group:
                     r = ternary_gptq(m.weight.detach(), hs[name], cfg)
                     m.weight.copy_(ternary_latent(r.codes, r.positions, r.scale, m.eps).to(m.weight.dtype))
                     ratios.append(r.error / r.round_error if r.round_error > 0 else 1.0)
-                    layers += 1
                     pending.remove(m)
             if cfg.recon_steps:
                 model.train()
-                recon.append(_reconstruct(block, x_q, y_fp, cos, sin, cfg, seed=bi))
+                recon.append(_reconstruct(block, x_q, y_fp, cos, sin, cfg, seed=bi, autocast=autocast))
                 model.eval()
             x_q, x_fp = block(x_q, cos, sin), y_fp
     finally:
         model.train(was_training)
-    report = {"method": "gptq", "layers": layers, "calibration_tokens": int(ids.numel()),
-              "error_vs_round_mean": sum(ratios) / max(1, len(ratios)), "seconds": round(time.time() - t0, 1)}
+    report = {"method": cfg.method, "layers": layers, "calibration_tokens": int(ids.numel()),
+              "seconds": round(time.time() - t0, 1)}
+    if ratios:
+        report["error_vs_round_mean"] = sum(ratios) / len(ratios)
     if recon:
         report["recon_mse_before_after"] = [sum(b for b, _ in recon) / len(recon), sum(a for _, a in recon) / len(recon)]
-    msg = (f"convert gptq: {layers} linears on {ids.numel():,} calibration tokens, output error "
-           f"{report['error_vs_round_mean']:.3f}x rounding's (mean over layers)")
+    msg = (f"convert {cfg.method}: {layers} linears on {ids.numel():,} calibration tokens" +
+           (f", output error {report['error_vs_round_mean']:.3f}x rounding's (mean over layers)" if ratios else ""))
     if recon:
         b, a = report["recon_mse_before_after"]
         msg += f"; block reconstruction ({cfg.recon_steps} steps/block): block MSE {b:.3g} -> {a:.3g}"

@@ -298,7 +298,7 @@ def _run_stages(cfg: DictConfig) -> dict:
         if previous_model is not None:
             scfg.model.init_from, scfg.model.gguf_file = str(previous_model), None
             if "convert" in scfg:  # stage N+1 continues stage N's trained codes: converting again would undo it
-                scfg.convert.method = "round"
+                scfg.convert.method, scfg.convert.recon_steps = "round", 0
         if scfg.distill.get("teacher") is None:
             scfg.distill.teacher, scfg.distill.teacher_gguf_file = source["teacher"], source["teacher_gguf_file"]
         if cfg.resume == "auto" and (stage_dir / "model" / "config.json").is_file():
@@ -339,11 +339,13 @@ def _run_single(cfg: DictConfig) -> dict:
     dcfg = _checked(lambda: DataConfig(**_as_dict(cfg.data), seed=int(cfg.seed)), "data")
     distill = _checked(lambda: DistillConfig.from_dict(_as_dict(cfg.get("distill"))), "distill")
     convert = _checked(lambda: ConvertConfig.from_dict(_as_dict(cfg.get("convert") or {})), "convert")
-    if convert.method != "round":
+    if convert.enabled:
+        what = f"convert.method={convert.method}" + (f" with convert.recon_steps={convert.recon_steps}"
+                                                    if convert.recon_steps else "")
         if source_model is None:
-            raise ConfigError(f"convert.method={convert.method} converts an imported model: set model.init_from")
+            raise ConfigError(f"{what} converts an imported model: set model.init_from")
         if qcfg.method == "none":
-            raise ConfigError(f"convert.method={convert.method} chooses ternary codes: it needs quant=ternary")
+            raise ConfigError(f"{what} chooses ternary codes: it needs quant=ternary")
     corpus_teacher = teacher_tokens = convert_seconds = None
     if dcfg.teacher_corpus.fraction > 0:
         max_seq_len = source_model.config.max_seq_len if source_model is not None else int(mcfg_raw["max_seq_len"])
@@ -382,12 +384,13 @@ def _run_single(cfg: DictConfig) -> dict:
             from .importers import calibrate_subln
 
             provenance["subln_calibration"] = calibrate_subln(source_model, _calibration_ids(dm.train_blocks))
-        if convert.method != "round":
+        if convert.enabled:
             if qcfg.lambda_warmup_steps:
-                print(f"note: convert.method={convert.method} with quant.lambda_warmup_steps="
-                      f"{qcfg.lambda_warmup_steps}: the ramp blends in latent weights that are no longer the source's")
+                print(f"note: converting with quant.lambda_warmup_steps={qcfg.lambda_warmup_steps}: the ramp blends "
+                      "in latent weights that are no longer the source's")
+            mixed = resolve_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))[0] == "bf16-mixed"
             provenance["convert"] = convert_model(source_model, _calibration_ids(dm.train_blocks, convert.calib_blocks),
-                                                  convert)
+                                                  convert, autocast=torch.bfloat16 if mixed else None)
             convert_seconds = provenance["convert"]["seconds"]
         lm.model.load_state_dict(source_model.state_dict())
     del source_model

@@ -157,6 +157,17 @@ def test_convert_model_brings_the_ternary_model_closer_to_the_full_precision_one
     assert torch.nn.functional.mse_loss(recon(calib), ref_calib) < torch.nn.functional.mse_loss(gptq(calib), ref_calib)
 
 
+@torch.no_grad()
+def test_reconstruction_from_rounded_codes_needs_no_gptq():
+    m = _tiny_fp_model()
+    calib = torch.randint(0, 97, (8, 32), generator=torch.Generator().manual_seed(6))
+    ref = _fp_logits(m, calib)
+    rounded = torch.nn.functional.mse_loss(m(calib), ref)
+    report = convert_model(m, calib, ConvertConfig(recon_steps=30, recon_lr=1e-3), log=lambda s: None)
+    assert report["method"] == "round" and report["layers"] == 14 and "error_vs_round_mean" not in report
+    assert torch.nn.functional.mse_loss(m(calib), ref) < rounded
+
+
 def test_convert_round_changes_nothing():
     m = _tiny_fp_model()
     before = {k: v.clone() for k, v in m.state_dict().items()}
