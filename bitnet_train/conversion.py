@@ -51,7 +51,7 @@ class ConvertConfig(DictSerializable):
     calib_blocks: int = 16  # training blocks the calibration activations come from
     damp: float = 0.01  # GPTQ: added to H's diagonal, as a fraction of its mean
     act_order: bool = True  # GPTQ: round the columns with the largest H diagonal first
-    block_size: int = 128  # GPTQ: columns per lazy update
+    block_size: int = 32  # GPTQ: columns per lazy update (the loop inside a block costs out x block per column)
     scale_passes: int = 2  # GPTQ passes, each with the scale refit from the last one's codes
     recon_steps: int = 0  # block-wise reconstruction: Adam steps per block (0: none)
     recon_lr: float = 5e-4
@@ -94,7 +94,7 @@ def refit_scale(w: torch.Tensor, codes: torch.Tensor, h: torch.Tensor) -> float:
     return float((qh * w.double()).sum()) / den
 
 
-def gptq_codes(w: torch.Tensor, h: torch.Tensor, s: float, *, damp: float = 0.01, block_size: int = 128,
+def gptq_codes(w: torch.Tensor, h: torch.Tensor, s: float, *, damp: float = 0.01, block_size: int = 32,
                act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ rounding of W (out, in) to s * {-1, 0, 1} given H (in, in). -> (codes, compensated).
 
@@ -109,7 +109,9 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, s: float, *, damp: float = 0.01
     H += torch.eye(n, dtype=H.dtype) * (damp * float(torch.diagonal(H).mean()))
     perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else torch.arange(n)
     W, H = W[:, perm], H[perm][:, perm]
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    # the factorisations in fp64; the column loop in fp32, as GPTQ runs it (half the memory traffic)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    W = W.float()
     Q, C = torch.zeros_like(W), torch.zeros_like(W)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
@@ -124,7 +126,7 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, s: float, *, damp: float = 0.01
             E1[:, i] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     inv = torch.argsort(perm)
-    return Q[:, inv], C[:, inv]
+    return Q[:, inv].double(), C[:, inv].double()
 
 
 @dataclass

@@ -33,9 +33,9 @@ inline float bf16_to_f32(uint16_t h) {
 inline uint16_t f32_to_bf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (u >> 16) | 0x40u;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);  // a select: vectorizes
 }
 
 // Round half to even for |v| < 2^22 in the default rounding mode (adding and removing 1.5 * 2^23),
@@ -46,49 +46,70 @@ inline float round_even_small(float v) {
   return (v + m) - m;
 }
 
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
+inline void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(uint16_t* p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
+
+// One row: branch-free loops per (input type, output type), so that the compiler vectorizes them.
+template <typename In, typename Out>
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void act_row(const void* x, bool bf16_in, int64_t cols, float eps, int8_t* codes, float* scale, void* xeff, int kind) {
-  const float* xf = static_cast<const float*>(x);
-  const uint16_t* xh = static_cast<const uint16_t*>(x);
-  float amax = 0.0f;
-  bool nan = false;
+void act_row(const In* x, int64_t cols, float eps, int8_t* codes, float* scale, Out* xeff) {
+  // max|x| as the largest sign-cleared bit pattern: for non-NaN floats the integer order is the float order
+  // (an integer max reduction, which vectorizes), and a NaN is any pattern above infinity's.
+  uint32_t top = 0;
   for (int64_t i = 0; i < cols; ++i) {
-    const float a = std::fabs(bf16_in ? bf16_to_f32(xh[i]) : xf[i]);
-    nan |= (a != a);
-    amax = a > amax ? a : amax;
+    const float v = load(x, i);
+    uint32_t u;
+    std::memcpy(&u, &v, 4);
+    u &= 0x7fffffffu;
+    top = u > top ? u : top;
   }
-  const float s = nan ? std::nanf("") : bitnet::act_scale(amax, eps);
+  float amax;
+  std::memcpy(&amax, &top, 4);
+  const float s = top > 0x7f800000u ? std::nanf("") : bitnet::act_scale(amax, eps);
   *scale = s;
-  float* ef = static_cast<float*>(xeff);
-  uint16_t* eh = static_cast<uint16_t*>(xeff);
   for (int64_t i = 0; i < cols; ++i) {
-    float v = (bf16_in ? bf16_to_f32(xh[i]) : xf[i]) * s;
-    v = v < -129.0f ? -129.0f : (v > 128.0f ? 128.0f : v);  // NaN falls through to the check below
+    float v = load(x, i) * s;
+    v = v < -129.0f ? -129.0f : v;
+    v = v > 128.0f ? 128.0f : v;
     float c = round_even_small(v);
-    c = c < -128.0f ? -128.0f : (c > 127.0f ? 127.0f : c);
-    if (c != c) c = 0.0f;
-    codes[i] = static_cast<int8_t>(c);
-    const float e = c / s;
-    if (kind == kF32) ef[i] = e;
-    else if (kind == kBF16) eh[i] = f32_to_bf16(e);
+    c = c < -128.0f ? -128.0f : c;
+    c = c > 127.0f ? 127.0f : c;
+    c = (c == c) ? c : 0.0f;  // NaN (the row's s is NaN): code 0
+    codes[i] = static_cast<int8_t>(static_cast<int32_t>(c));
+    store(xeff, i, c / s);
   }
 }
 
+template <typename Out>
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void weight_chunk(const float* w, int64_t n, float s, int8_t* codes, void* weff, int kind) {
-  float* ef = static_cast<float*>(weff);
-  uint16_t* eh = static_cast<uint16_t*>(weff);
+void weight_chunk(const float* w, int64_t n, float s, int8_t* codes, Out* weff) {
   for (int64_t i = 0; i < n; ++i) {
     float v = w[i] / s;
-    v = v < -2.0f ? -2.0f : (v > 2.0f ? 2.0f : v);  // round(clamp(v, -2, 2)) clamps to the same code
+    v = v < -2.0f ? -2.0f : v;  // round(clamp(v, -2, 2)) clamps to the same code
+    v = v > 2.0f ? 2.0f : v;
     float c = round_even_small(v);
-    c = c < -1.0f ? -1.0f : (c > 1.0f ? 1.0f : c);
-    if (c != c) c = 0.0f;
-    codes[i] = static_cast<int8_t>(c);
-    const float e = c * s;
-    if (kind == kF32) ef[i] = e;
-    else if (kind == kBF16) eh[i] = f32_to_bf16(e);
+    c = c < -1.0f ? -1.0f : c;
+    c = c > 1.0f ? 1.0f : c;
+    c = (c == c) ? c : 0.0f;
+    codes[i] = static_cast<int8_t>(static_cast<int32_t>(c));
+    store(weff, i, c * s);
   }
+}
+
+template <typename In, typename Out>
+void act_rows_t(const In* x, int64_t rows, int64_t cols, float eps, int8_t* codes, float* scales, Out* xeff) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) act_row(x + r * cols, cols, eps, codes + r * cols, scales + r, xeff + r * cols);
+}
+
+template <typename Out>
+void weight_codes_t(const float* w, int64_t n, float s, int8_t* codes, Out* weff) {
+  const int64_t chunk = 1 << 16;
+#pragma omp parallel for schedule(static)
+  for (int64_t c0 = 0; c0 < n; c0 += chunk)
+    weight_chunk(w + c0, n - c0 < chunk ? n - c0 : chunk, s, codes + c0, weff + c0);
 }
 
 void check_kind(int kind) {
@@ -105,13 +126,18 @@ PYBIND11_MODULE(_quant_ops, m) {
          uintptr_t xeff, int kind) {
         check_kind(kind);
         if (rows < 0 || cols < 0) throw py::value_error("rows and cols must be >= 0");
+        if (kind == kNone) throw py::value_error("act_rows writes x_eff: kind must be 1 (fp32) or 2 (bf16)");
         py::gil_scoped_release release;
-        const int64_t in_bytes = bf16_in ? 2 : 4, out_bytes = kind == kBF16 ? 2 : 4;
-#pragma omp parallel for schedule(static)
-        for (int64_t r = 0; r < rows; ++r)
-          act_row(reinterpret_cast<const char*>(x) + r * cols * in_bytes, bf16_in, cols, eps,
-                  reinterpret_cast<int8_t*>(codes) + r * cols, reinterpret_cast<float*>(scales) + r,
-                  kind ? reinterpret_cast<char*>(xeff) + r * cols * out_bytes : nullptr, kind);
+        auto* c = reinterpret_cast<int8_t*>(codes);
+        auto* sc = reinterpret_cast<float*>(scales);
+        if (bf16_in && kind == kBF16)
+          act_rows_t(reinterpret_cast<const uint16_t*>(x), rows, cols, eps, c, sc, reinterpret_cast<uint16_t*>(xeff));
+        else if (bf16_in)
+          act_rows_t(reinterpret_cast<const uint16_t*>(x), rows, cols, eps, c, sc, reinterpret_cast<float*>(xeff));
+        else if (kind == kBF16)
+          act_rows_t(reinterpret_cast<const float*>(x), rows, cols, eps, c, sc, reinterpret_cast<uint16_t*>(xeff));
+        else
+          act_rows_t(reinterpret_cast<const float*>(x), rows, cols, eps, c, sc, reinterpret_cast<float*>(xeff));
       },
       py::arg("x"), py::arg("bf16_in"), py::arg("rows"), py::arg("cols"), py::arg("eps"), py::arg("codes"),
       py::arg("scales"), py::arg("xeff"), py::arg("kind"));
@@ -120,13 +146,13 @@ PYBIND11_MODULE(_quant_ops, m) {
       [](uintptr_t w, int64_t n, float s, uintptr_t codes, uintptr_t weff, int kind) {
         check_kind(kind);
         if (n < 0) throw py::value_error("n must be >= 0");
+        if (kind == kNone) throw py::value_error("weight_codes writes w_eff: kind must be 1 (fp32) or 2 (bf16)");
         py::gil_scoped_release release;
-        const int64_t chunk = 1 << 16, out_bytes = kind == kBF16 ? 2 : 4;
-#pragma omp parallel for schedule(static)
-        for (int64_t c0 = 0; c0 < n; c0 += chunk)
-          weight_chunk(reinterpret_cast<const float*>(w) + c0, n - c0 < chunk ? n - c0 : chunk, s,
-                       reinterpret_cast<int8_t*>(codes) + c0,
-                       kind ? reinterpret_cast<char*>(weff) + c0 * out_bytes : nullptr, kind);
+        auto* c = reinterpret_cast<int8_t*>(codes);
+        if (kind == kBF16)
+          weight_codes_t(reinterpret_cast<const float*>(w), n, s, c, reinterpret_cast<uint16_t*>(weff));
+        else
+          weight_codes_t(reinterpret_cast<const float*>(w), n, s, c, reinterpret_cast<float*>(weff));
       },
       py::arg("w"), py::arg("n"), py::arg("s"), py::arg("codes"), py::arg("weff"), py::arg("kind"));
 }
