@@ -12,7 +12,8 @@ recipe with --teacher-fraction of its training blocks from the teacher-written c
 data.teacher_corpus; generated once and cached, the generation is not in its train seconds),
 full_recipe_ft_teacher (distils from the fp_finetune arm's model), full_recipe_hidden (+ hidden-state
 loss), full_recipe_gptq / full_recipe_gptq_recon (GPTQ-style ternary codes before training, then
-block-wise reconstruction; the conversion's seconds count in the arm's train seconds), and
+block-wise reconstruction; the conversion's seconds count in the arm's train seconds; _mix: with the
+teacher corpus as full_recipe_mix), and
 full_recipe_lr5e-4 / full_recipe_lr2e-3 / full_recipe_wd0 / full_recipe_ramp (a lambda ramp over half the CE
 stage instead of quantized from step 0) / full_recipe_weight_only_first (the CE stage with ternary weights and
 full-precision activations).
@@ -70,9 +71,15 @@ ARMS = {
                                "teacher_from": "fp_finetune"},
     # the full recipe plus a per-layer hidden-state loss (cosine to the teacher's residual stream, every layer)
     # issue 17, 1.3: GPTQ-style ternary codes on calibration activations, then block-wise reconstruction
-    "full_recipe_gptq": {"recipe": "smollm2_135m_1p58_distill", "extra": ["convert.method=gptq"], "staged": True},
+    # (the recipe converts with gptq + 20 reconstruction steps since session 10; _round is the recipe before)
+    "full_recipe_round": {"recipe": "smollm2_135m_1p58_distill", "extra": ["convert.method=round",
+                                                                          "convert.recon_steps=0"], "staged": True},
+    "full_recipe_gptq": {"recipe": "smollm2_135m_1p58_distill", "extra": ["convert.recon_steps=0"], "staged": True},
     "full_recipe_gptq_recon": {"recipe": "smollm2_135m_1p58_distill",
                                "extra": ["convert.method=gptq", "convert.recon_steps=20"], "staged": True},
+    "full_recipe_gptq_recon_mix": {"recipe": "smollm2_135m_1p58_distill",
+                                   "extra": ["convert.method=gptq", "convert.recon_steps=20"], "staged": True,
+                                   "teacher_mix": True},
     # issue 17, 1.4: the schedule for tiny budgets (the recipe: lr 1e-3, weight decay 0.05, quantized from step 0)
     "full_recipe_lr5e-4": {"recipe": "smollm2_135m_1p58_distill", "extra": ["optim.lr=5e-4"], "staged": True},
     "full_recipe_lr2e-3": {"recipe": "smollm2_135m_1p58_distill", "extra": ["optim.lr=2e-3"], "staged": True},
