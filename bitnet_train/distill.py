@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic import atomic_file, atomic_write_text
 from .errors import BitNetError, ConfigError
 from .lightning_module import BitNetLM
 from .losses import linear_cross_entropy_kd
@@ -413,12 +414,9 @@ class TopKLogitCache:
     def save(self) -> None:
         if not self.dirty:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        for name, write in (("topk.pt", lambda p: torch.save(self.rows, p)),
-                            ("manifest.json", lambda p: Path(p).write_text(json.dumps({**self.meta, "rows": len(self.rows)}, indent=1)))):
-            tmp = self.dir / f"{name}.tmp-{os.getpid()}"
-            write(tmp)
-            os.replace(tmp, self.dir / name)
+        with atomic_file(self.dir / "topk.pt") as tmp:  # removed again if the save fails
+            torch.save(self.rows, tmp)
+        atomic_write_text(self.dir / "manifest.json", json.dumps({**self.meta, "rows": len(self.rows)}, indent=1))
         self.dirty = False
 
 

@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .atomic import atomic_file
 from .conversion import ConvertConfig, convert_model
 from .distill import DistillConfig, DistillLM, TopKLogitCache, build_teacher, corpus_fingerprint, model_fingerprint
 from .errors import CheckpointError, ConfigError
@@ -39,14 +40,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     mid-write never leaves a truncated checkpoint."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        path = str(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_file(path) as tmp:
+            super().save_checkpoint(checkpoint, str(tmp), storage_options)
 
 
 class KillAtStep(Callback):
