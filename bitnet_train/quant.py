@@ -138,7 +138,7 @@ def _fused_act(x: torch.Tensor, eps: float, mm_dtype: torch.dtype):
 def _fused_weight(w32: torch.Tensor, eps: float, mm_dtype: torch.dtype):
     """-> (int8 codes, s_w, w_eff = codes * s_w in mm_dtype): _weight_codes' values; s_w is torch's mean."""
     w32 = w32.contiguous()
-    s_w = w32.abs().mean().clamp_(min=eps)
+    s_w = weight_scale(w32, eps)
     codes = torch.empty(w32.shape, dtype=torch.int8)
     w_eff = torch.empty(w32.shape, dtype=mm_dtype)
     _quant_ops.weight_codes(w32.data_ptr(), w32.numel(), float(s_w), codes.data_ptr(), w_eff.data_ptr(), _KIND[mm_dtype])
@@ -146,7 +146,7 @@ def _fused_weight(w32: torch.Tensor, eps: float, mm_dtype: torch.dtype):
 
 
 def _integer_product(x_codes: torch.Tensor, w_codes: torch.Tensor, mm_dtype: torch.dtype) -> torch.Tensor:
-    """x_codes @ w_codes^T of integer-valued fp32 codes (int8 range), as exact fp32 sums.
+    """x_codes @ w_codes^T of integer-valued codes (fp32 or int8, int8 range), as exact fp32 sums.
 
     On the CPU: int8 x int8 -> int32 (torch._int_mm, oneDNN's VNNI/AMX-INT8 kernels), what the
     runtime computes; measured 1,530 GOP/s against 600 bf16 and 170 fp32 GFLOP/s on a 2-core Zen 4
@@ -195,9 +195,7 @@ class _BitLinearFn(torch.autograd.Function):
         if lam == 1.0 and _fused_ok(x, w, mm_dtype):
             x_i8, s_x, x_eff = _fused_act(x, eps, mm_dtype)
             w_i8, s_w, w_eff = _fused_weight(w, eps, mm_dtype)
-            lead = x_i8.shape[:-1]
-            acc = torch._int_mm(x_i8.reshape(-1, x_i8.shape[-1]), w_i8.t()).view(*lead, w_i8.shape[0]).float()
-            y = acc.mul_(s_w / s_x)
+            y = _integer_product(x_i8, w_i8, mm_dtype).mul_(s_w / s_x)
             ctx.save_for_backward(x_eff, w_eff)
             return y.to(out_dtype)
         x32 = x if x.dtype == torch.float32 else x.float()
