@@ -1,5 +1,5 @@
 // Kernel microbenchmark: GMAC/s of each compiled ISA's ternary (i2_b128 "ternary", t3_b160 "t3")
-// and dense kernels on one thread, for decode (m = 1), batch (m = 8) and prefill (m = 128).
+// and dense kernels on one thread, for decode (m = 1), batches (m = 8, 16, 32) and prefill (m = 128, 512).
 // Prints a table; "weight GB/s" counts the packed bytes each kernel reads.
 //   cmake -S . -B build/bench -DBITNET_PYTHON=OFF -DBITNET_CPP_TESTS=ON -DBITNET_CUDA=OFF
 //   cmake --build build/bench --target bitnet_kernel_bench && build/bench/bitnet_kernel_bench [OUT IN]
@@ -56,7 +56,7 @@ int main(int argc, char** argv) {
   std::printf("%-8s %8s %6s %12s %12s\n", "isa", "kernel", "m", "GMAC/s", "weight GB/s");
   for (const std::string& isa : available_isas()) {
     const KernelTable& kt = select_kernels(isa);
-    for (int64_t m : {1, 8, 128}) {
+    for (int64_t m : {1, 8, 16, 32, 128, 512}) {
       std::vector<float> x(static_cast<size_t>(m * in)), y(static_cast<size_t>(m * out));
       std::normal_distribution<float> nd;
       for (auto& v : x) v = nd(rng);

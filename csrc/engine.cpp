@@ -438,7 +438,8 @@ void Model::linears(const std::vector<const Linear*>& lins, const float* x, int6
         kernels_->quantize_rows(xin + r * in, 1, in, in, cfg_.act_eps, qb.q() + r * qb.stride(), qb.stride(),
                                 qb.scale() + r, qb.sum() + r);
       });
-      qrows[qi] = qbuf[qi].view();
+      qb.pack(*kernels_);  // the AMX kernels' tile order, once for all row chunks (other tables: nothing)
+      qrows[qi] = qb.view();
       shared_quantized = true;
     }
     jobs.push_back({&l, &qrows[qi], xin, ys[i]});

@@ -7,7 +7,7 @@
     bitnet-run random-model --shape bitnet-large -o large.bitnet          # random ternary weights, for speed runs
     bitnet-run serve model.bitnet [--port 8000 --max-batch 8 --api-key KEY]  # OpenAI-compatible HTTP server
 
-Common options: --device cpu|cuda, --threads N, --isa scalar|avx2|avx512. Errors print one line
+Common options: --device cpu|cuda, --threads N, --isa scalar|avx2|avx512|amx. Errors print one line
 `error: ...` on stderr and exit 2 (BITNET_TRACEBACK=1 shows the traceback). No torch needed.
 """
 
@@ -42,7 +42,7 @@ def _add_engine_args(p: argparse.ArgumentParser, model_optional: bool = False) -
     p.add_argument("model", metavar="MODEL", nargs="?" if model_optional else None, help="a .bitnet file")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: BITNET_THREADS or all cores)")
-    p.add_argument("--isa", default=None, help="force a kernel path: scalar, avx2, avx512 (default: the best "
+    p.add_argument("--isa", default=None, help="force a kernel path: scalar, avx2, avx512, amx (default: the best "
                    "this CPU has, or BITNET_ISA)")
     p.add_argument("--lm-head", choices=("fp", "int8"), default="fp",
                    help="int8: a per-row int8 copy of the lm_head made at load (CPU; fewer bytes per token, "

@@ -109,7 +109,7 @@ class Engine:
         (FORMAT.md section 2) -> arrays, ternary linears as `NAME.qweight` (uint8, packed as
         quant["packing"]: i2_b128 or t3_b160, both used in place) + `NAME.scale`;
         quant: the file's quant dict (eps, packing). isa: None/"auto" (BITNET_ISA or the best), "scalar",
-        "avx2", "avx512". lm_head: "fp" (as stored) or "int8" (per-row int8 made at load: half the
+        "avx2", "avx512", "amx". lm_head: "fp" (as stored) or "int8" (per-row int8 made at load: half the
         bytes of fp16 per decoded token, at the perplexity cost measured in bench/README.md).
         kv_cache: the dtype of the caches new_cache makes by default: "f32" (what training computes)
         or "f16" (half the cache bytes a decode step reads; cost in bench/README.md)."""
@@ -172,7 +172,7 @@ class Engine:
     # ---- properties ---------------------------------------------------------------------------
 
     def isa(self) -> str:
-        """The kernel path in use: "scalar", "avx2" or "avx512"."""
+        """The kernel path in use: "scalar", "avx2", "avx512" or "amx"."""
         return self._model.isa
 
     @property

@@ -76,7 +76,7 @@ double stream_read_seconds(const uint8_t* data, int64_t bytes, int threads, cons
                            uint64_t* checksum) {
   uint64_t (*read)(const uint8_t*, int64_t) = read_scalar;
 #ifdef BITNET_X86
-  if (isa == "avx512") read = read_avx512;
+  if (isa == "avx512" || isa == "amx") read = read_avx512;  // amx: the AVX-512 loads (tiles add nothing to a read)
   else if (isa == "avx2") read = read_avx2;
   else if (isa != "scalar") throw std::invalid_argument("stream_read: unknown ISA '" + isa + "'");
 #endif

@@ -5,6 +5,10 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 #endif
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "cpu/kernels.h"
 
@@ -39,6 +43,28 @@ bool cpu_has_avx512() {
 #endif
 }
 
+// AMX-INT8: CPUID leaf 7 EDX bits 24 (AMX-TILE) and 25 (AMX-INT8), the OS saving tile state (XCR0
+// bits 17 and 18), and Linux's per-process permission to use tile data (arch_prctl
+// ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA; Linux 5.16+), asked for once.
+bool cpu_has_amx() {
+#if defined(__linux__) && defined(__x86_64__)
+  static const bool ok = [] {
+    if (!cpu_has_avx512()) return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) return false;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE: xgetbv allowed
+    unsigned lo = 0, hi = 0;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & (3u << 17)) != (3u << 17)) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
 bool compiled(const std::string& isa) {
   if (isa == "scalar") return true;
 #ifdef BITNET_HAVE_AVX2
@@ -47,6 +73,9 @@ bool compiled(const std::string& isa) {
 #ifdef BITNET_HAVE_AVX512
   if (isa == "avx512") return true;
 #endif
+#ifdef BITNET_HAVE_AMX
+  if (isa == "amx") return true;
+#endif
   return false;
 }
 
@@ -54,10 +83,14 @@ bool supported(const std::string& isa) {
   if (isa == "scalar") return true;
   if (isa == "avx2") return cpu_has_avx2();
   if (isa == "avx512") return cpu_has_avx512();
+  if (isa == "amx") return cpu_has_amx();
   return false;
 }
 
 const KernelTable& table(const std::string& isa) {
+#ifdef BITNET_HAVE_AMX
+  if (isa == "amx") return kAmxKernels;
+#endif
 #ifdef BITNET_HAVE_AVX512
   if (isa == "avx512") return kAvx512Kernels;
 #endif
@@ -71,7 +104,7 @@ const KernelTable& table(const std::string& isa) {
 
 std::vector<std::string> available_isas() {
   std::vector<std::string> out;
-  for (const char* isa : {"scalar", "avx2", "avx512"})
+  for (const char* isa : {"scalar", "avx2", "avx512", "amx"})
     if (compiled(isa) && supported(isa)) out.emplace_back(isa);
   return out;
 }
@@ -88,9 +121,9 @@ const KernelTable& select_kernels(const std::string& requested) {
       return table(available_isas().back());
     }
   }
-  if (isa != "scalar" && isa != "avx2" && isa != "avx512")
+  if (isa != "scalar" && isa != "avx2" && isa != "avx512" && isa != "amx")
     throw std::invalid_argument("unknown ISA '" + isa + "' (" + source +
-                                "); expected one of: scalar, avx2, avx512, auto");
+                                "); expected one of: scalar, avx2, avx512, amx, auto");
   if (!compiled(isa))
     throw std::runtime_error("ISA '" + isa + "' (" + source + ") is not compiled into this build of the engine");
   if (!supported(isa)) {

@@ -40,7 +40,22 @@ struct QuantRows {
   const float* scale = nullptr;
   const int32_t* sum = nullptr;
   int64_t m = 0;
+  // Optional: the same codes in the order of a table's pack_rows (the AMX kernels' B tiles), made
+  // once per matrix input by QuantBuffer::pack; a kernel that wants them packs its own when null.
+  const int8_t* packed = nullptr;
 };
+
+// Bytes of pack_rows' output for m rows of `stride` codes: 16-row x 64-code tiles of 1 KB.
+inline int64_t packed_rows_bytes(int64_t m, int64_t stride) { return (m + 15) / 16 * ((stride + 63) / 64) * 1024; }
+
+// n bytes of `storage` starting at a 64-byte boundary (grows it as needed; tile loads of rows that
+// straddle cache lines read twice the lines).
+template <class T>
+T* aligned64(std::vector<T>& storage, size_t n) {
+  if (storage.size() < n + 64) storage.resize(n + 64);
+  const auto addr = reinterpret_cast<uintptr_t>(storage.data());
+  return storage.data() + (64 - addr % 64) % 64;
+}
 
 inline int64_t act_padded(int64_t n) {
   const int64_t i2 = i2_blocks_per_row(n) * kI2BlockCodes, t3 = t3_blocks_per_row(n) * kT3BlockCodes;
@@ -48,10 +63,15 @@ inline int64_t act_padded(int64_t n) {
 }
 
 // Owning buffer for QuantRows (64-byte aligned codes).
+struct KernelTable;
+
 class QuantBuffer {
  public:
-  void resize(int64_t m, int64_t n);  // keeps capacity
-  QuantRows view() const { return {q_, stride_, scale_.data(), sum_.data(), m_}; }
+  void resize(int64_t m, int64_t n);  // keeps capacity; drops what pack made
+  QuantRows view() const { return {q_, stride_, scale_.data(), sum_.data(), m_, packed_ ? packed_q_ : nullptr}; }
+  // After the codes are written: the table's packed copy (pack_rows), if it has one and wants it for
+  // m rows (kt.pack_min_rows); view() then carries it.
+  void pack(const KernelTable& kt);
   int8_t* q() { return q_; }
   int64_t stride() const { return stride_; }
   float* scale() { return scale_.data(); }
@@ -65,6 +85,9 @@ class QuantBuffer {
   int64_t stride_ = 0, n_ = 0, m_ = 0;
   std::vector<float> scale_;
   std::vector<int32_t> sum_;
+  std::vector<int8_t> packed_storage_;
+  int8_t* packed_q_ = nullptr;
+  bool packed_ = false;
 };
 
 struct KernelTable {
@@ -95,6 +118,10 @@ struct KernelTable {
   //   y[i*y_stride + r] = w_scale[r] * sum_k w[r,k] * x[i*x_stride + k]      (fp32 accumulation)
   void (*int8_rows)(const int8_t* w, const float* w_scale, int64_t n, int64_t r0, int64_t r1, const float* x,
                     int64_t m, int64_t x_stride, float* y, int64_t y_stride);
+  // Optional (null elsewhere): the AMX table's reordering of quantized rows into its B tiles
+  // (packed_rows_bytes(x.m, x.stride) bytes), worth making once per input from pack_min_rows rows.
+  void (*pack_rows)(const QuantRows& x, int8_t* out) = nullptr;
+  int64_t pack_min_rows = 0;
 };
 
 // The attention and int8 kernels by name (the AVX-512 table uses the AVX2 ones: they are a small
@@ -123,11 +150,14 @@ extern const KernelTable kAvx2Kernels;
 #ifdef BITNET_HAVE_AVX512
 extern const KernelTable kAvx512Kernels;
 #endif
+#ifdef BITNET_HAVE_AMX  // the AVX-512 table with AMX-INT8 ternary kernels for batches (kernels_amx.cpp)
+extern const KernelTable kAmxKernels;
+#endif
 #ifdef BITNET_HAVE_AVX512_EMULATED  // C++ test build: AVX-512 code on SIMDe (see kernels_avx512.cpp)
 extern const KernelTable kAvx512EmulatedKernels;
 #endif
 
-// "scalar", "avx2", "avx512": those compiled in and supported by this CPU, best last.
+// "scalar", "avx2", "avx512", "amx": those compiled in and supported by this CPU, best last.
 std::vector<std::string> available_isas();
 // The table for an ISA name; "" or "auto" picks BITNET_ISA from the environment if set, else the
 // best available. Throws std::invalid_argument for an unknown name and std::runtime_error for an

@@ -51,6 +51,15 @@ void QuantBuffer::resize(int64_t m, int64_t n) {
   m_ = m;
   scale_.resize(static_cast<size_t>(m));
   sum_.resize(static_cast<size_t>(m));
+  packed_ = false;
+}
+
+void QuantBuffer::pack(const KernelTable& kt) {
+  packed_ = false;
+  if (kt.pack_rows == nullptr || m_ < kt.pack_min_rows) return;
+  packed_q_ = aligned64(packed_storage_, static_cast<size_t>(packed_rows_bytes(m_, stride_)));
+  kt.pack_rows(view(), packed_q_);
+  packed_ = true;
 }
 
 float fp16_to_fp32(uint16_t h) {

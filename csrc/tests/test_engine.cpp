@@ -241,6 +241,53 @@ void test_t3_layout(std::mt19937& rng) {
   }
 }
 
+// Batches (m >= 16: the AMX kernels' range; below it every table's tiles) in both packings against
+// the scalar reference, bit for bit: activation counts around the 16-row tiles and 32-row groups,
+// rows that are not a multiple of 64 / 128 / 160 (a row stride of 2720 codes ends inside a 64-code
+// tile), row ranges that start inside a 32-row panel, a y stride wider than the matrix, and the
+// int32 extremes (every code +-1 against +-127 over 90 blocks).
+void test_batch_kernels(std::mt19937& rng) {
+  std::normal_distribution<float> normal;
+  std::uniform_int_distribution<int> code(-1, 1);
+  const int64_t shapes[][2] = {{1, 1}, {17, 63}, {16, 64}, {33, 65}, {50, 200}, {35, 641}, {20, 2561}, {40, 160 * 90}};
+  for (const auto& s : shapes) {
+    const int64_t out = s[0], in = s[1];
+    const bool extreme = in == 160 * 90;
+    std::vector<int8_t> codes(static_cast<size_t>(out * in));
+    for (auto& c : codes) c = static_cast<int8_t>(extreme ? (out % 2 ? 1 : -1) : code(rng));
+    const auto t3 = pack_t3(codes, out, in), i2 = pack(codes, out, in);
+    for (int64_t m : {16, 17, 31, 32, 33, 47, 70}) {
+      std::vector<float> x(static_cast<size_t>(m * in));
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t k = 0; k < in; ++k)
+          x[i * in + k] = extreme ? (i % 2 ? -1.0f : 1.0f) : normal(rng) * 3.0f;
+      if (!extreme) std::fill(x.begin() + in, x.begin() + 2 * in, 0.0f);  // an all-zero row
+      QuantBuffer qb;
+      qb.resize(m, in);
+      kScalarKernels.quantize_rows(x.data(), m, in, in, 1e-5f, qb.q(), qb.stride(), qb.scale(), qb.sum());
+      const int64_t r0 = out > 20 ? 5 : 0, ys = out + 3;
+      std::vector<float> ya(static_cast<size_t>(m * ys), 0.0f), yb(ya.size());
+      const std::string tag = std::to_string(out) + "x" + std::to_string(in) + "x" + std::to_string(m);
+      for (Packing p : {Packing::I2B128, Packing::T3B160}) {
+        const auto& w = p == Packing::T3B160 ? t3 : i2;
+        const int64_t nb = packing_blocks_per_row(p, in);
+        auto rows = [&](const KernelTable& kt) { return p == Packing::T3B160 ? kt.ternary_rows_t3 : kt.ternary_rows; };
+        std::fill(ya.begin(), ya.end(), 0.0f);
+        rows(kScalarKernels)(w.data(), nb, r0, out, qb.view(), 0.05f, ya.data(), ys);
+        if (extreme)
+          check(ya[r0] * qb.scale()[0] == (out % 2 ? 1.0f : -1.0f) * 127.0f * static_cast<float>(in) * 0.05f,
+                "scalar batch extreme dot equals codes * in, " + tag);
+        for (const KernelTable* kt : tables()) {
+          std::fill(yb.begin(), yb.end(), 0.0f);  // the columns outside [r0, out) must stay untouched
+          rows(*kt)(w.data(), nb, r0, out, qb.view(), 0.05f, yb.data(), ys);
+          check(std::memcmp(ya.data(), yb.data(), ya.size() * 4) == 0,
+                std::string(kt->name) + " " + packing_name(p) + " batch rows " + std::to_string(r0) + ".." + tag);
+        }
+      }
+    }
+  }
+}
+
 // Every table's t3_b160 kernel against the scalar reference and against i2_b128 on the same codes
 // (integer math: bit-identical), on rows that are not a multiple of 160, odd row counts, m = 1..17.
 void test_t3_kernels(std::mt19937& rng) {
@@ -670,6 +717,7 @@ int main() {
   test_kernel_extremes();
   test_t3_layout(rng);
   test_t3_kernels(rng);
+  test_batch_kernels(rng);
   test_attention(rng);
   test_fp16_rounding();
   test_attention_f16(rng);

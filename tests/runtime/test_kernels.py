@@ -22,6 +22,10 @@ SHAPES = [  # (out, in, rows)
     (37, 260, 16),  # 4 x 4 tiles with a leftover weight row
     (70, 384, 8),
     (6, 200, 11),
+    # batches: the AMX kernels' 16-row tiles and 32-row panels, with partial tiles on every side
+    (70, 2561, 33),
+    (33, 700, 48),
+    (100, 1536, 128),
 ]
 
 
@@ -74,6 +78,7 @@ T3_SHAPES = [  # (out, in, rows): in not a multiple of 160, odd row counts, m = 
     (1, 1, 1), (3, 31, 2), (17, 159, 3), (33, 160, 4), (9, 161, 5), (31, 319, 6), (5, 321, 7), (7, 1000, 8),
     (11, 481, 9), (3, 2600, 10), (37, 260, 11), (19, 700, 12), (13, 97, 13), (6, 1601, 14), (21, 333, 15),
     (4, 640, 16), (15, 170, 17),
+    (70, 2561, 33), (33, 700, 48), (100, 1536, 128),  # batches (AMX tiles; 2561: a row ends inside a 64-code tile)
 ]
 
 
@@ -159,7 +164,7 @@ def test_unknown_isa_is_a_value_error():
 
 
 def test_forced_isa_the_cpu_lacks_is_a_clear_error(monkeypatch):
-    missing = [isa for isa in ("avx2", "avx512") if isa not in ISAS]
+    missing = [isa for isa in ("avx2", "avx512", "amx") if isa not in ISAS]
     if not missing:
         pytest.skip("this CPU and build have every ISA")
     monkeypatch.setenv("BITNET_ISA", missing[-1])
