@@ -183,23 +183,29 @@ float fp16_to_fp32(uint16_t h);
 // so every kernel path reads the same fp16 values.
 uint16_t fp32_to_fp16(float f);
 // A cached key/value element as fp32 (the attention kernels read fp32 or fp16 caches).
-// Software prefetch distance of the memory-bound loops (decode rows, attention keys): one AVX-512
-// thread streamed 32-33 GB/s of i2_b128 rows with it vs 26 without (bench/README.md): the hardware
-// prefetcher alone keeps too few lines in flight behind the unpacking.
-constexpr int64_t kPrefetchBytes = 8192;
+// Software prefetch distance of the memory-bound loops (decode rows, attention keys): 8 KiB, or
+// BITNET_PREFETCH_BYTES (0: off), read once at load. Zen 4: one AVX-512 thread streamed 32-33 GB/s of
+// i2_b128 rows with it vs 26 without, decode attention 65 -> 106-130 tok/s. Sapphire Rapids (a 480 MiB
+// L3): 2 threads over one 1.2 GB matrix streamed faster without (25 vs 19 GB/s), but whole-model
+// decode was slower without (bitnet-large 61 vs 72-87 tok/s, bitnet-2b 16-19 vs 16.5-19.7): bench/README.md.
+extern int64_t g_prefetch_bytes;
 
-// The cache lines of [p + kPrefetchBytes, p + kPrefetchBytes + bytes), requested ahead of use
-// (a prefetch never faults, so it may run past the end of a mapping).
+// The cache lines of [p + d, p + d + bytes), d = g_prefetch_bytes, requested ahead of use (a
+// prefetch never faults, so it may run past the end of a mapping).
 inline void prefetch_ahead(const void* p, int64_t bytes) {
-  const char* a = static_cast<const char*>(p) + kPrefetchBytes;
+  const int64_t dist = g_prefetch_bytes;
+  if (dist <= 0) return;
+  const char* a = static_cast<const char*>(p) + dist;
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(a + off, 0, 3);
 }
 
 // Decode attention reads the whole KV cache once per step, from memory: while a group of keys is
-// scored, the keys kPrefetchBytes ahead (up to `k_end`) are requested into L1 and the group's
-// values into L2 for the weighted sum that follows. Measured 65 -> 106-130 tok/s at context 400-550.
+// scored, the keys g_prefetch_bytes ahead (up to `k_end`) are requested into L1 and the group's
+// values into L2 for the weighted sum that follows.
 inline void attend_prefetch(const void* k, const void* v, int64_t bytes, const void* k_end) {
-  const char* a = static_cast<const char*>(k) + kPrefetchBytes;
+  const int64_t dist = g_prefetch_bytes;
+  if (dist <= 0) return;
+  const char* a = static_cast<const char*>(k) + dist;
   const char* end = static_cast<const char*>(k_end);
   for (int64_t off = 0; off < bytes && a + off < end; off += 64) __builtin_prefetch(a + off, 0, 3);
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(v) + off, 0, 2);
