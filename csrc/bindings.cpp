@@ -115,6 +115,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("version", [] { return std::string(BITNET_VERSION); }, "Engine version string.");
   m.def("available_isas", &available_isas, "ISAs compiled in and supported by this CPU, best last.");
   m.def("openmp", &have_openmp, "Whether the engine was built with OpenMP.");
+  m.def("prefetch_bytes", [] { return g_prefetch_bytes.load(); },
+        "The software prefetch distance in use (8192, or BITNET_PREFETCH_BYTES as of the last engine load).");
   m.def("default_threads", &max_threads, "OpenMP's default thread count (1 without OpenMP).");
   m.def("resolve_isa", [](const std::string& isa) { return std::string(select_kernels(isa).name); }, py::arg("isa") = "",
         "The ISA a request resolves to ('' or 'auto': BITNET_ISA, else the best).");

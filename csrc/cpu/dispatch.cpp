@@ -1,4 +1,5 @@
 // Run-time choice of the kernel table: CPUID (__builtin_cpu_supports) + BITNET_ISA override.
+#include <atomic>
 #include <cstdlib>
 #include <stdexcept>
 
@@ -100,18 +101,9 @@ const KernelTable& table(const std::string& isa) {
   return kScalarKernels;
 }
 
-int64_t default_prefetch_bytes() {
-  if (const char* env = std::getenv("BITNET_PREFETCH_BYTES"); env != nullptr && *env != '\0') {
-    char* end = nullptr;
-    const long long v = std::strtoll(env, &end, 10);
-    if (end != env && *end == '\0' && v >= 0) return v;  // an invalid value: select_kernels says so
-  }
-  return 8192;
-}
-
 }  // namespace
 
-int64_t g_prefetch_bytes = default_prefetch_bytes();
+std::atomic<int64_t> g_prefetch_bytes{8192};
 
 std::vector<std::string> available_isas() {
   std::vector<std::string> out;
@@ -121,13 +113,17 @@ std::vector<std::string> available_isas() {
 }
 
 const KernelTable& select_kernels(const std::string& requested) {
+  // the prefetch distance, read here so that every engine made after a change of the variable uses it
+  int64_t prefetch = 8192;
   if (const char* env = std::getenv("BITNET_PREFETCH_BYTES"); env != nullptr && *env != '\0') {
     char* end = nullptr;
     const long long v = std::strtoll(env, &end, 10);
     if (end == env || *end != '\0' || v < 0)
       throw std::invalid_argument(std::string("BITNET_PREFETCH_BYTES must be a byte count >= 0 (0: no software prefetch), got '") +
                                   env + "'");
+    prefetch = v;
   }
+  g_prefetch_bytes.store(prefetch, std::memory_order_relaxed);
   std::string isa = requested;
   std::string source = "requested";
   if (isa.empty() || isa == "auto") {

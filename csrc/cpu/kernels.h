@@ -7,6 +7,7 @@
 // in the drivers (threading.h) so several matrices can share one parallel region.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -184,16 +185,16 @@ float fp16_to_fp32(uint16_t h);
 uint16_t fp32_to_fp16(float f);
 // A cached key/value element as fp32 (the attention kernels read fp32 or fp16 caches).
 // Software prefetch distance of the memory-bound loops (decode rows, attention keys): 8 KiB, or
-// BITNET_PREFETCH_BYTES (0: off), read once at load. Zen 4: one AVX-512 thread streamed 32-33 GB/s of
+// BITNET_PREFETCH_BYTES (0: off), read by select_kernels (so at each engine's load). Zen 4: one AVX-512 thread streamed 32-33 GB/s of
 // i2_b128 rows with it vs 26 without, decode attention 65 -> 106-130 tok/s. Sapphire Rapids (a 480 MiB
 // L3): 2 threads over one 1.2 GB matrix streamed faster without (25 vs 19 GB/s), but whole-model
 // decode was slower without (bitnet-large 61 vs 72-87 tok/s, bitnet-2b 16-19 vs 16.5-19.7): bench/README.md.
-extern int64_t g_prefetch_bytes;
+extern std::atomic<int64_t> g_prefetch_bytes;
 
 // The cache lines of [p + d, p + d + bytes), d = g_prefetch_bytes, requested ahead of use (a
 // prefetch never faults, so it may run past the end of a mapping).
 inline void prefetch_ahead(const void* p, int64_t bytes) {
-  const int64_t dist = g_prefetch_bytes;
+  const int64_t dist = g_prefetch_bytes.load(std::memory_order_relaxed);
   if (dist <= 0) return;
   const char* a = static_cast<const char*>(p) + dist;
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(a + off, 0, 3);
@@ -203,7 +204,7 @@ inline void prefetch_ahead(const void* p, int64_t bytes) {
 // scored, the keys g_prefetch_bytes ahead (up to `k_end`) are requested into L1 and the group's
 // values into L2 for the weighted sum that follows.
 inline void attend_prefetch(const void* k, const void* v, int64_t bytes, const void* k_end) {
-  const int64_t dist = g_prefetch_bytes;
+  const int64_t dist = g_prefetch_bytes.load(std::memory_order_relaxed);
   if (dist <= 0) return;
   const char* a = static_cast<const char*>(k) + dist;
   const char* end = static_cast<const char*>(k_end);

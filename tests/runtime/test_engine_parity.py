@@ -261,3 +261,44 @@ def test_fp16_bits_round_like_numpy():
         want = x.astype(np.float16).view(np.uint16)
     np.testing.assert_array_equal(_C.fp16_bits(x), want)
     assert np.isnan(_C.fp16_bits(np.array([np.nan], np.float32)).view(np.float16)).all()
+
+
+@pytest.mark.skipif("amx" not in ISAS, reason="no AMX-INT8 here (CPUID amx_tile + amx_int8, and Linux's permission "
+                                               "for tile data): the AMX kernels are tested where the CPU has them")
+@pytest.mark.parametrize("packing", ["i2_b128", "t3_b160"])
+def test_amx_batches_give_the_avx512_logits_bit_for_bit(tmp_path, packing):
+    """Prefill and ragged batches of >= 16 rows run the AMX tiles; decode steps (1 row) the AVX-512
+    kernels. Both are the same integer math and the rest is the same code: identical logits."""
+    model = make_model(VARIANTS["subln-swiglu-gqa"])
+    path = export(model, tmp_path / "m.bitnet", dense_dtype="F16", packing=packing)
+    amx, avx = Engine.load(path, isa="amx"), Engine.load(path, isa="avx512")
+    seqs = prompts(model.config.vocab_size, lengths=(40, 17, 33))
+    for seq in seqs:
+        np.testing.assert_array_equal(amx.forward(seq), avx.forward(seq))
+    ca, cb = amx.new_cache(n_seqs=3), avx.new_cache(n_seqs=3)
+    np.testing.assert_array_equal(amx.forward(seqs, cache=ca, last_only=True), avx.forward(seqs, cache=cb, last_only=True))
+    toks = [[int(s[0])] for s in seqs]
+    np.testing.assert_array_equal(amx.forward(toks, cache=ca, last_only=True), avx.forward(toks, cache=cb, last_only=True))
+
+
+def test_prefetch_distance_override(tmp_path, monkeypatch):
+    """BITNET_PREFETCH_BYTES tunes the memory-bound loops' software prefetch; it never changes a
+    result, and a value that is not a byte count is a clear error."""
+    model = make_model(VARIANTS["subln-swiglu-gqa"])
+    path = export(model, tmp_path / "m.bitnet", dense_dtype="F16")
+    seq = prompts(model.config.vocab_size, lengths=(12,))[0]
+    monkeypatch.delenv("BITNET_PREFETCH_BYTES", raising=False)
+    want = Engine.load(path).forward(seq)
+    assert _C.prefetch_bytes() == 8192
+    monkeypatch.setenv("BITNET_PREFETCH_BYTES", "0")
+    np.testing.assert_array_equal(Engine.load(path).forward(seq), want)
+    assert _C.prefetch_bytes() == 0
+    monkeypatch.setenv("BITNET_PREFETCH_BYTES", "32768")
+    np.testing.assert_array_equal(Engine.load(path).forward(seq), want)
+    assert _C.prefetch_bytes() == 32768
+    monkeypatch.setenv("BITNET_PREFETCH_BYTES", "8k")
+    with pytest.raises(ValueError, match="BITNET_PREFETCH_BYTES must be a byte count >= 0.*'8k'"):
+        Engine.load(path)
+    monkeypatch.delenv("BITNET_PREFETCH_BYTES")
+    Engine.load(path)
+    assert _C.prefetch_bytes() == 8192
