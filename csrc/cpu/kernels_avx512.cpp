@@ -75,20 +75,13 @@ void quantize_rows_avx512(const float* x, int64_t m, int64_t n, int64_t x_stride
   }
 }
 
-// One weight row against NA activation rows (decode: memory-bound, so the decode is as short as it
-// can be). The block's 32 bytes go to both halves of a zmm and are masked, not shifted: with masks
-// 0x03 | 0x0C the low half holds q of elements 0..31 and the high half 4 q of elements 32..63; with
-// 0x30 | 0xC0, 16 q of 64..95 and 64 q of 96..127, each lined up with its 64 contiguous activations.
-// vpdpbusd then sums per lane, so every lane's sum is an exact multiple of its scale (1, 4, 16, 64)
-// and each lane's sum shifted right by its scale's log2 is its exact share of sum(q x). Per lane and block the sums grow
-// by at most 4 * 128 * 128 = 65536: int32 holds rows of over 4 million codes.
 template <int NA>
 inline void ternary_row_tile(const uint8_t* row, int64_t n_blocks, const QuantRows& x, int64_t i0, float s_w,
                              float* y, int64_t y_stride, int64_t r) {
-  const __m512i m01 = _mm512_inserti64x4(_mm512_set1_epi8(0x03), _mm256_set1_epi8(0x0C), 1);
-  const __m512i m23 = _mm512_inserti64x4(_mm512_set1_epi8(0x30), _mm256_set1_epi8(static_cast<char>(0xC0)), 1);
-  const __m512i sh01 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi32(2), 1);
-  const __m512i sh23 = _mm512_inserti64x4(_mm512_set1_epi32(4), _mm256_set1_epi32(6), 1);
+  const __m512i mask = _mm512_set1_epi8(3);
+  // per-16-bit-lane shift counts: low half 0 / high half 2 (elements 0..63); 4 / 6 (64..127)
+  const __m512i shift01 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+  const __m512i shift23 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1);
   // Two blocks per step into four accumulators per activation row: vpdpbusd's latency (4-5
   // cycles) on two chains, not the loads, bounded the one-block loop (m = 1 decode).
   __m512i acc0[NA], acc1[NA], acc2[NA], acc3[NA];
@@ -99,8 +92,8 @@ inline void ternary_row_tile(const uint8_t* row, int64_t n_blocks, const QuantRo
   }
   auto decode = [&](int64_t b, __m512i& q01, __m512i& q23) {
     const __m512i w = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kI2BlockBytes)));
-    q01 = _mm512_and_si512(w, m01);
-    q23 = _mm512_and_si512(w, m23);
+    q01 = _mm512_and_si512(_mm512_srlv_epi16(w, shift01), mask);
+    q23 = _mm512_and_si512(_mm512_srlv_epi16(w, shift23), mask);
   };
   int64_t b = 0;
   for (; b + 2 <= n_blocks; b += 2) {
@@ -125,10 +118,8 @@ inline void ternary_row_tile(const uint8_t* row, int64_t n_blocks, const QuantRo
     }
   }
   for (int a = 0; a < NA; ++a) {
-    // each lane divided by its scale (an arithmetic shift of an exact multiple), then one reduction
-    const __m512i s01 = _mm512_srav_epi32(_mm512_add_epi32(acc0[a], acc2[a]), sh01);
-    const __m512i s23 = _mm512_srav_epi32(_mm512_add_epi32(acc1[a], acc3[a]), sh23);
-    const int32_t dot = _mm512_reduce_add_epi32(_mm512_add_epi32(s01, s23)) - x.sum[i0 + a];
+    const __m512i sum4 = _mm512_add_epi32(_mm512_add_epi32(acc0[a], acc1[a]), _mm512_add_epi32(acc2[a], acc3[a]));
+    const int32_t dot = _mm512_reduce_add_epi32(sum4) - x.sum[i0 + a];
     y[(i0 + a) * y_stride + r] = static_cast<float>(dot) * (s_w / x.scale[i0 + a]);
   }
 }

@@ -94,13 +94,6 @@ inline simde__m512i srai_epi32(simde__m512i v, int imm) {  // arithmetic shift (
   for (int i = 0; i < 16; ++i) a[i] = imm > 31 ? (a[i] < 0 ? -1 : 0) : (a[i] >> imm);
   return simde_mm512_loadu_si512(a);
 }
-inline simde__m512i srav_epi32(simde__m512i v, simde__m512i counts) {  // per-lane arithmetic shift
-  int32_t a[16], c[16];
-  simde_mm512_storeu_si512(a, v);
-  simde_mm512_storeu_si512(c, counts);
-  for (int i = 0; i < 16; ++i) a[i] = (c[i] < 0 || c[i] > 31) ? (a[i] < 0 ? -1 : 0) : (a[i] >> c[i]);
-  return simde_mm512_loadu_si512(a);
-}
 
 inline simde__m512i cvtps_epi32(simde__m512 v) {  // current rounding mode; NaN / overflow -> INT32_MIN
   float a[16];
@@ -117,7 +110,6 @@ inline simde__m512i cvtps_epi32(simde__m512 v) {  // current rounding mode; NaN 
 
 #define _mm512_cvtps_epi32 bitnet_emu::cvtps_epi32
 #define _mm512_srai_epi32 bitnet_emu::srai_epi32
-#define _mm512_srav_epi32 bitnet_emu::srav_epi32
 #undef _mm512_add_epi8
 #define _mm512_add_epi8 bitnet_emu::add_epi8
 #define _mm512_reduce_add_epi32 bitnet_emu::reduce_add_epi32
