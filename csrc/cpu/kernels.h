@@ -154,6 +154,9 @@ extern const KernelTable kAvx512Kernels;
 #ifdef BITNET_HAVE_AMX  // the AVX-512 table with AMX-INT8 ternary kernels for batches (kernels_amx.cpp)
 extern const KernelTable kAmxKernels;
 #endif
+#ifdef BITNET_HAVE_AMX_EMULATED  // C++ test build: the AMX kernels on emulated tiles (kernels_amx.cpp)
+extern const KernelTable kAmxEmulatedKernels;
+#endif
 #ifdef BITNET_HAVE_AVX512_EMULATED  // C++ test build: AVX-512 code on SIMDe (see kernels_avx512.cpp)
 extern const KernelTable kAvx512EmulatedKernels;
 #endif

@@ -13,7 +13,20 @@
 // accumulators, 2 A and 2 B tiles: the 8 tile registers).
 //
 // Batches of fewer than kAmxMinRows activation rows (decode: memory-bound) use the AVX-512 kernels.
+//
+// BITNET_AMX_EMULATE (C++ test build only): the same code on emulated tiles and SIMDe's AVX-512
+// (tests/amx_emulation.h), so CPUs without AMX test it against the scalar reference too.
+#ifdef BITNET_AMX_EMULATE
+#include "tests/amx_emulation.h"
+#define BITNET_AMX_TABLE kAmxEmulatedKernels
+#define BITNET_AMX_NAME "amx-emulated"
+#define BITNET_AMX_BASE kAvx512EmulatedKernels
+#else
 #include <immintrin.h>
+#define BITNET_AMX_TABLE kAmxKernels
+#define BITNET_AMX_NAME "amx"
+#define BITNET_AMX_BASE kAvx512Kernels
+#endif
 
 #include <algorithm>
 #include <cstring>
@@ -119,13 +132,15 @@ void decode_i2_row(const uint8_t* row, int64_t n_blocks, int64_t padded, uint8_t
 }
 
 void decode_t3_row(const uint8_t* row, int64_t n_blocks, int64_t padded, uint8_t* out) {
-  const __m256i c85 = _mm256_set1_epi8(85), c170 = _mm256_set1_epi8(static_cast<char>(170));
-  const __m256i one = _mm256_set1_epi8(1), zero = _mm256_setzero_si256();
+  const __m256i c86 = _mm256_set1_epi8(86), c171 = _mm256_set1_epi8(static_cast<char>(171));
+  const __m256i zero = _mm256_setzero_si256();
   for (int64_t b = 0; b < n_blocks; ++b) {
     __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kT3BlockBytes));
     for (int k = 0; k < kT3TritsPerByte; ++k) {  // q = (u > 85) + (u > 170), then u = 3 u (mod 256)
-      __m256i q = _mm256_mask_mov_epi8(zero, _mm256_cmpgt_epu8_mask(u, c85), one);
-      q = _mm256_mask_add_epi8(q, _mm256_cmpgt_epu8_mask(u, c170), q, one);
+      // u >= c as 0xFF (-1) bytes: max(u, c) == u; q = 0 - ge86 - ge171 (AVX2 ops)
+      const __m256i ge86 = _mm256_cmpeq_epi8(_mm256_max_epu8(u, c86), u);
+      const __m256i ge171 = _mm256_cmpeq_epi8(_mm256_max_epu8(u, c171), u);
+      const __m256i q = _mm256_sub_epi8(_mm256_sub_epi8(zero, ge86), ge171);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + b * kT3BlockCodes + 32 * k), q);
       u = _mm256_add_epi8(u, _mm256_add_epi8(u, u));
     }
@@ -215,28 +230,28 @@ void ternary_rows_amx_t(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t 
 
 void ternary_rows_amx(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t r1, const QuantRows& x, float s_w,
                       float* y, int64_t y_stride) {
-  if (x.m < kAmxMinRows) return kAvx512Kernels.ternary_rows(w, n_blocks, r0, r1, x, s_w, y, y_stride);
+  if (x.m < kAmxMinRows) return BITNET_AMX_BASE.ternary_rows(w, n_blocks, r0, r1, x, s_w, y, y_stride);
   ternary_rows_amx_t<false>(w, n_blocks, r0, r1, x, s_w, y, y_stride);
 }
 
 void ternary_rows_t3_amx(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t r1, const QuantRows& x, float s_w,
                          float* y, int64_t y_stride) {
-  if (x.m < kAmxMinRows) return kAvx512Kernels.ternary_rows_t3(w, n_blocks, r0, r1, x, s_w, y, y_stride);
+  if (x.m < kAmxMinRows) return BITNET_AMX_BASE.ternary_rows_t3(w, n_blocks, r0, r1, x, s_w, y, y_stride);
   ternary_rows_amx_t<true>(w, n_blocks, r0, r1, x, s_w, y, y_stride);
 }
 
 }  // namespace
 
 // The AVX-512 table with the AMX ternary kernels (everything else is the AVX-512 code).
-const KernelTable kAmxKernels = {"amx",
-                                 kAvx512Kernels.quantize_rows,
-                                 ternary_rows_amx,
-                                 ternary_rows_t3_amx,
-                                 kAvx512Kernels.dense_rows,
-                                 kAvx512Kernels.attend,
-                                 kAvx512Kernels.attend_f16,
-                                 kAvx512Kernels.int8_rows,
-                                 pack_rows_amx,
-                                 kAmxMinRows};
+const KernelTable BITNET_AMX_TABLE = {BITNET_AMX_NAME,
+                                      BITNET_AMX_BASE.quantize_rows,
+                                      ternary_rows_amx,
+                                      ternary_rows_t3_amx,
+                                      BITNET_AMX_BASE.dense_rows,
+                                      BITNET_AMX_BASE.attend,
+                                      BITNET_AMX_BASE.attend_f16,
+                                      BITNET_AMX_BASE.int8_rows,
+                                      pack_rows_amx,
+                                      kAmxMinRows};
 
 }  // namespace bitnet

@@ -48,6 +48,9 @@ std::vector<const KernelTable*> tables() {
 #ifdef BITNET_HAVE_AVX512_EMULATED
   out.push_back(&kAvx512EmulatedKernels);
 #endif
+#ifdef BITNET_HAVE_AMX_EMULATED
+  out.push_back(&kAmxEmulatedKernels);
+#endif
   return out;
 }
 
