@@ -63,13 +63,17 @@ inline int64_t act_padded(int64_t n) {
   return i2 > t3 ? i2 : t3;
 }
 
-// Owning buffer for QuantRows (64-byte aligned codes).
 struct KernelTable;
 
+// x with the packed copy table `kt` wants (pack_rows, from pack_min_rows rows) written into
+// `storage` (64-byte aligned); x as it is when the table has none, wants none or x has one already.
+QuantRows with_packed(const KernelTable& kt, const QuantRows& x, std::vector<int8_t>& storage);
+
+// Owning buffer for QuantRows (64-byte aligned codes).
 class QuantBuffer {
  public:
   void resize(int64_t m, int64_t n);  // keeps capacity; drops what pack made
-  QuantRows view() const { return {q_, stride_, scale_.data(), sum_.data(), m_, packed_ ? packed_q_ : nullptr}; }
+  QuantRows view() const { return {q_, stride_, scale_.data(), sum_.data(), m_, packed_}; }
   // After the codes are written: the table's packed copy (pack_rows), if it has one and wants it for
   // m rows (kt.pack_min_rows); view() then carries it.
   void pack(const KernelTable& kt);
@@ -87,8 +91,7 @@ class QuantBuffer {
   std::vector<float> scale_;
   std::vector<int32_t> sum_;
   std::vector<int8_t> packed_storage_;
-  int8_t* packed_q_ = nullptr;
-  bool packed_ = false;
+  const int8_t* packed_ = nullptr;  // into packed_storage_ once pack made it
 };
 
 struct KernelTable {
@@ -188,10 +191,11 @@ float fp16_to_fp32(uint16_t h);
 uint16_t fp32_to_fp16(float f);
 // A cached key/value element as fp32 (the attention kernels read fp32 or fp16 caches).
 // Software prefetch distance of the memory-bound loops (decode rows, attention keys): 8 KiB, or
-// BITNET_PREFETCH_BYTES (0: off), read by select_kernels (so at each engine's load). Zen 4: one AVX-512 thread streamed 32-33 GB/s of
-// i2_b128 rows with it vs 26 without, decode attention 65 -> 106-130 tok/s. Sapphire Rapids (a 480 MiB
-// L3): 2 threads over one 1.2 GB matrix streamed faster without (25 vs 19 GB/s), but whole-model
-// decode was slower without (bitnet-large 61 vs 72-87 tok/s, bitnet-2b 16-19 vs 16.5-19.7): bench/README.md.
+// BITNET_PREFETCH_BYTES (0: off), read by select_kernels (so at each engine's load). Zen 4: one
+// AVX-512 thread streamed 32-33 GB/s of i2_b128 rows with it vs 26 without, decode attention 65 ->
+// 106-130 tok/s. Sapphire Rapids (a 480 MiB L3): 2 threads over one 1.2 GB matrix streamed faster
+// without (25 vs 19 GB/s), but whole-model decode was slower without (bitnet-large 56-62 vs 72-91
+// tok/s): bench/README.md.
 extern std::atomic<int64_t> g_prefetch_bytes;
 
 // The cache lines of [p + d, p + d + bytes), d = g_prefetch_bytes, requested ahead of use (a

@@ -164,12 +164,8 @@ template <bool T3>
 void ternary_rows_amx_t(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t r1, const QuantRows& x_in, float s_w,
                         float* y, int64_t y_stride) {
   Scratch& s = scratch();
-  QuantRows x = x_in;
-  if (x.packed == nullptr) {  // a direct call: pack here (the engine and ternary_matmul pack once per input)
-    int8_t* p = aligned64(s.packed, static_cast<size_t>(packed_rows_bytes(x.m, x.stride)));
-    pack_rows_amx(x, p);
-    x.packed = p;
-  }
+  // unpacked on a direct call: pack here (the engine and ternary_matmul pack once per input)
+  const QuantRows x = with_packed(BITNET_AMX_TABLE, x_in, s.packed);
   const int64_t k_codes = n_blocks * (T3 ? kT3BlockCodes : kI2BlockCodes);
   const int64_t kc = (k_codes + kTileK - 1) / kTileK, xkc = x_chunks(x);
   // one cache line more than the codes: 16 rows a power of two apart would share L1 sets

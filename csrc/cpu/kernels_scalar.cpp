@@ -51,15 +51,21 @@ void QuantBuffer::resize(int64_t m, int64_t n) {
   m_ = m;
   scale_.resize(static_cast<size_t>(m));
   sum_.resize(static_cast<size_t>(m));
-  packed_ = false;
+  packed_ = nullptr;
+}
+
+QuantRows with_packed(const KernelTable& kt, const QuantRows& x, std::vector<int8_t>& storage) {
+  if (kt.pack_rows == nullptr || x.packed != nullptr || x.m < kt.pack_min_rows) return x;
+  int8_t* p = aligned64(storage, static_cast<size_t>(packed_rows_bytes(x.m, x.stride)));
+  kt.pack_rows(x, p);
+  QuantRows out = x;
+  out.packed = p;
+  return out;
 }
 
 void QuantBuffer::pack(const KernelTable& kt) {
-  packed_ = false;
-  if (kt.pack_rows == nullptr || m_ < kt.pack_min_rows) return;
-  packed_q_ = aligned64(packed_storage_, static_cast<size_t>(packed_rows_bytes(m_, stride_)));
-  kt.pack_rows(view(), packed_q_);
-  packed_ = true;
+  packed_ = nullptr;  // view() must not carry a copy of other codes into with_packed
+  packed_ = with_packed(kt, view(), packed_storage_).packed;
 }
 
 float fp16_to_fp32(uint16_t h) {

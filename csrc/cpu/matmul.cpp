@@ -14,12 +14,7 @@ void ternary_matmul(const KernelTable& kt, Packing packing, const uint8_t* w, in
   const auto rows = packing == Packing::T3B160 ? kt.ternary_rows_t3 : kt.ternary_rows;
   // the table's packed copy of x, once for every row chunk (as the engine does)
   std::vector<int8_t> packed;
-  QuantRows xp = x;
-  if (kt.pack_rows != nullptr && x.packed == nullptr && x.m >= kt.pack_min_rows) {
-    int8_t* p = aligned64(packed, static_cast<size_t>(packed_rows_bytes(x.m, x.stride)));
-    kt.pack_rows(x, p);
-    xp.packed = p;
-  }
+  const QuantRows xp = with_packed(kt, x, packed);
   parallel_for((out + chunk - 1) / chunk, threads, [&](int64_t c) {
     rows(w, n_blocks, c * chunk, std::min(out, (c + 1) * chunk), xp, s_w, y, out);
   });
