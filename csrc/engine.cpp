@@ -106,15 +106,22 @@ Linear load_linear(TensorTaker& t, const ModelConfig& cfg, const std::string& na
 }
 
 // out = w * (x * rsqrt(mean(x^2) + eps)) per row, as model.RMSNorm (fp32).
-void rmsnorm_rows(const float* x, float* out, int64_t m, int64_t n, const float* w, float eps) {
-  for (int64_t i = 0; i < m; ++i) {
+// The sum of squares in double over 8 interleaved partial sums, added in a fixed order: the same
+// value on every ISA and thread count; 8 independent chains instead of one long one. Rows over
+// `threads` threads.
+void rmsnorm_rows(const float* x, float* out, int64_t m, int64_t n, const float* w, float eps, int threads = 1) {
+  parallel_for(m, m > 1 ? threads : 1, [&](int64_t i) {
     const float* xr = x + i * n;
     float* o = out + i * n;
-    double ss = 0.0;
-    for (int64_t k = 0; k < n; ++k) ss += static_cast<double>(xr[k]) * xr[k];
-    const float inv = 1.0f / std::sqrt(static_cast<float>(ss / static_cast<double>(n)) + eps);
-    for (int64_t k = 0; k < n; ++k) o[k] = w[k] * (xr[k] * inv);
-  }
+    double ss[8] = {};
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8)
+      for (int j = 0; j < 8; ++j) ss[j] += static_cast<double>(xr[k + j]) * xr[k + j];
+    for (; k < n; ++k) ss[k % 8] += static_cast<double>(xr[k]) * xr[k];
+    const double sum = ((ss[0] + ss[1]) + (ss[2] + ss[3])) + ((ss[4] + ss[5]) + (ss[6] + ss[7]));
+    const float inv = 1.0f / std::sqrt(static_cast<float>(sum / static_cast<double>(n)) + eps);
+    for (k = 0; k < n; ++k) o[k] = w[k] * (xr[k] * inv);
+  });
 }
 
 // rows (m, bias.size()) += bias, in fp32 as BitLinear adds its bias after the product.
@@ -427,7 +434,7 @@ void Model::linears(const std::vector<const Linear*>& lins, const float* x, int6
     const float* xin = x;
     if (in_layer_norm) {
       normed[i].resize(static_cast<size_t>(m * in));
-      rmsnorm_rows(x, normed[i].data(), m, in, l.norm.data(), cfg_.rms_norm_eps);
+      rmsnorm_rows(x, normed[i].data(), m, in, l.norm.data(), cfg_.rms_norm_eps, threads_);
       xin = normed[i].data();
     }
     const size_t qi = in_layer_norm ? i : 0;
@@ -473,17 +480,15 @@ void Model::forward(KVCache& cache, const Batch& b, bool all_logits, float* logi
       rope_cos[t * half + i] = std::cos(a);
       rope_sin[t * half + i] = std::sin(a);
     }
-  auto rope = [&](float* rows, int64_t heads) {  // rows: (N, heads * hd)
-    for (int64_t t = 0; t < N; ++t) {
-      const float* c = rope_cos.data() + t * half;
-      const float* s = rope_sin.data() + t * half;
-      for (int64_t hh = 0; hh < heads; ++hh) {
-        float* r = rows + (t * heads + hh) * hd;
-        for (int64_t i = 0; i < half; ++i) {
-          const float x1 = r[i], x2 = r[i + half];
-          r[i] = x1 * c[i] - x2 * s[i];
-          r[i + half] = x2 * c[i] + x1 * s[i];
-        }
+  auto rope = [&](float* rows, int64_t heads, int64_t t) {  // rows: (N, heads * hd); token t's heads
+    const float* c = rope_cos.data() + t * half;
+    const float* s = rope_sin.data() + t * half;
+    for (int64_t hh = 0; hh < heads; ++hh) {
+      float* r = rows + (t * heads + hh) * hd;
+      for (int64_t i = 0; i < half; ++i) {
+        const float x1 = r[i], x2 = r[i + half];
+        r[i] = x1 * c[i] - x2 * s[i];
+        r[i + half] = x2 * c[i] + x1 * s[i];
       }
     }
   };
@@ -492,7 +497,7 @@ void Model::forward(KVCache& cache, const Batch& b, bool all_logits, float* logi
   for (int64_t l = 0; l < cfg_.num_layers; ++l) {
     const Layer& L = layers_[static_cast<size_t>(l)];
     // attention
-    rmsnorm_rows(x.data(), h.data(), N, d, L.input_norm.data(), cfg_.rms_norm_eps);
+    rmsnorm_rows(x.data(), h.data(), N, d, L.input_norm.data(), cfg_.rms_norm_eps, threads_);
     linears({&L.q, &L.k, &L.v}, h.data(), N, {q.data(), k.data(), v.data()});
     if (cfg_.qkv_bias) {
       add_bias_rows(q.data(), N, L.q.bias);
@@ -500,13 +505,13 @@ void Model::forward(KVCache& cache, const Batch& b, bool all_logits, float* logi
       add_bias_rows(v.data(), N, L.v.bias);
     }
     if (cfg_.qk_norm) {  // each head's row of head_dim is one RMSNorm row
-      rmsnorm_rows(q.data(), q.data(), N * nh, hd, L.q_norm.data(), cfg_.rms_norm_eps);
-      rmsnorm_rows(k.data(), k.data(), N * nkv, hd, L.k_norm.data(), cfg_.rms_norm_eps);
+      rmsnorm_rows(q.data(), q.data(), N * nh, hd, L.q_norm.data(), cfg_.rms_norm_eps, threads_);
+      rmsnorm_rows(k.data(), k.data(), N * nkv, hd, L.k_norm.data(), cfg_.rms_norm_eps, threads_);
     }
-    rope(q.data(), nh);
-    rope(k.data(), nkv);
     const bool kv16 = cache.type() == KVType::F16;
-    for (int64_t t = 0; t < N; ++t)
+    parallel_for(N, N > 1 ? threads_ : 1, [&](int64_t t) {  // RoPE, then K and V into the cache
+      rope(q.data(), nh, t);
+      rope(k.data(), nkv, t);
       for (int64_t kh = 0; kh < nkv; ++kh) {
         const float* kr = k.data() + (t * nkv + kh) * hd;
         const float* vr = v.data() + (t * nkv + kh) * hd;
@@ -522,8 +527,11 @@ void Model::forward(KVCache& cache, const Batch& b, bool all_logits, float* logi
           std::copy_n(vr, hd, cache.v(l, tok_seq[t], kh) + tok_pos[t] * hd);
         }
       }
+    });
+    // head-major: each thread's share holds every position (causal rows grow with t; token-major
+    // shares gave the last thread ~3x the first's work in a prefill)
     parallel_for(N * nh, threads_, [&](int64_t task) {
-      const int64_t t = task / nh, hh = task % nh, kh = hh / group, pos = tok_pos[t];
+      const int64_t t = task % N, hh = task / N, kh = hh / group, pos = tok_pos[t];
       const float* qv = q.data() + (t * nh + hh) * hd;
       thread_local std::vector<float> scores;
       scores.resize(static_cast<size_t>(pos + 1));
@@ -536,12 +544,12 @@ void Model::forward(KVCache& cache, const Batch& b, bool all_logits, float* logi
         kernels_->attend(qv, cache.k(l, tok_seq[t], kh), cache.v(l, tok_seq[t], kh), pos + 1, hd, attn_scale,
                          scores.data(), out);
     });
-    if (cfg_.norm == NormKind::SubLN) rmsnorm_rows(att.data(), att.data(), N, qd, L.attn_sub_norm.data(), cfg_.rms_norm_eps);
+    if (cfg_.norm == NormKind::SubLN) rmsnorm_rows(att.data(), att.data(), N, qd, L.attn_sub_norm.data(), cfg_.rms_norm_eps, threads_);
     linears({&L.o}, att.data(), N, {o.data()});
     for (int64_t i = 0; i < N * d; ++i) x[i] += o[i];
 
     // feed-forward
-    rmsnorm_rows(x.data(), h.data(), N, d, L.post_attention_norm.data(), cfg_.rms_norm_eps);
+    rmsnorm_rows(x.data(), h.data(), N, d, L.post_attention_norm.data(), cfg_.rms_norm_eps, threads_);
     linears({&L.gate, &L.up}, h.data(), N, {g.data(), u.data()});
     parallel_for(N, N > 1 ? threads_ : 1, [&](int64_t t) {
       float* gr = g.data() + t * f;
@@ -555,7 +563,7 @@ void Model::forward(KVCache& cache, const Batch& b, bool all_logits, float* logi
         }
       }
     });
-    if (cfg_.norm == NormKind::SubLN) rmsnorm_rows(g.data(), g.data(), N, f, L.ffn_sub_norm.data(), cfg_.rms_norm_eps);
+    if (cfg_.norm == NormKind::SubLN) rmsnorm_rows(g.data(), g.data(), N, f, L.ffn_sub_norm.data(), cfg_.rms_norm_eps, threads_);
     linears({&L.down}, g.data(), N, {o.data()});
     for (int64_t i = 0; i < N * d; ++i) x[i] += o[i];
   }

@@ -32,14 +32,20 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/panel_avx512.h"
 #include "cpu/row_blocks.h"
 
 namespace bitnet {
 namespace {
 
 inline __mmask16 tail_mask16(int64_t left) { return static_cast<__mmask16>((1u << left) - 1u); }
+
+// Batches of this many activation rows or more run the panel kernels (ternary_rows_panel, below).
+// (measured: 1.5-1.9x the 4 x 4 tiles at m = 32..512, even at 16, slower at 8; bench/README.md)
+constexpr int64_t kPanelMinRows = 16;
 
 void quantize_rows_avx512(const float* x, int64_t m, int64_t n, int64_t x_stride, float eps, int8_t* q,
                           int64_t q_stride, float* s_x, int32_t* sum) {
@@ -169,8 +175,13 @@ inline void ternary_tile(const uint8_t* w, int64_t n_blocks, int64_t r, const Qu
 // activation rows) go in 4 x 4 tiles, compute-bound: measured 1.3x the one-row tiles on in-cache
 // matrices. The m % 4 leftover rows (decode: m = 1, memory-bound) keep one weight row a tile,
 // which streams from DRAM faster than four (measured 61 vs 45 GB/s on 64 MB of weights).
+template <bool T3>
+void ternary_rows_panel(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t r1, const QuantRows& x, float s_w,
+                        float* y, int64_t y_stride);
+
 void ternary_rows_avx512(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t r1, const QuantRows& x,
                          float s_w, float* y, int64_t y_stride) {
+  if (x.m >= kPanelMinRows) return ternary_rows_panel<false>(w, n_blocks, r0, r1, x, s_w, y, y_stride);
   constexpr int64_t kRowBlock = 32;
   for (int64_t b0 = r0; b0 < r1; b0 += kRowBlock) {
     const int64_t b1 = std::min(r1, b0 + kRowBlock);
@@ -351,6 +362,7 @@ inline void ternary_t3_tile(const uint8_t* w, int64_t n_blocks, int64_t r, const
 // m % 4 leftover activation rows (decode) in row tiles.
 void ternary_rows_t3_avx512(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t r1, const QuantRows& x,
                             float s_w, float* y, int64_t y_stride) {
+  if (x.m >= kPanelMinRows) return ternary_rows_panel<true>(w, n_blocks, r0, r1, x, s_w, y, y_stride);
   constexpr int64_t kRowBlock = 32, kTileRows = 4;
   const int64_t row_bytes = n_blocks * kT3BlockBytes;
   for (int64_t b0 = r0; b0 < r1; b0 += kRowBlock) {
@@ -376,6 +388,108 @@ void ternary_rows_t3_avx512(const uint8_t* w, int64_t n_blocks, int64_t r0, int6
         default: ternary_t3_row_tile<1>(w + r * row_bytes, n_blocks, x, i, s_w, y, y_stride, r); break;
       }
     }
+  }
+}
+
+// ---- batches: decoded weight panels in vpdpbusd's lane order ----
+//
+// For batches of kPanelMinRows or more activation rows (prefill, eval windows, serving batches) the
+// codes q of each 32 weight rows are decoded once (panel_avx512.h) and transposed into lane order:
+// for each group g of 4 consecutive codes, 128 bytes = rows 0..31's codes 4g..4g+3, so one zmm holds
+// 16 rows' group g. One vpdpbusd of that zmm against an activation row's dword g broadcast adds 4
+// products to each of 16 rows' sums: no decode in the inner loop (the 4 x 4 tiles above spend a
+// third of their ops on it) and no horizontal sums (the lanes are the outputs). A tile is the 32
+// rows against up to kPanelTileRows activation rows: 24 accumulators, 2 weight vectors, the
+// broadcast.
+constexpr int64_t kPanelRows = 32;
+constexpr int kPanelTileRows = 12;
+
+struct PanelScratch {
+  std::vector<uint8_t> rows;   // the rows' codes, row-major
+  std::vector<uint8_t> lanes;  // the lane-order panel
+};
+
+PanelScratch& panel_scratch() {
+  static thread_local PanelScratch s;
+  return s;
+}
+
+// lanes <- weight rows [p0, p0 + rows) in lane order, chunks x 64 codes each (rows past `rows` zero).
+template <bool T3>
+void build_lane_panel(const uint8_t* w, int64_t n_blocks, int64_t p0, int64_t rows, int64_t chunks, uint8_t* tmp,
+                      int64_t tmp_stride, uint8_t* lanes) {
+  const int64_t row_bytes = n_blocks * (T3 ? kT3BlockBytes : kI2BlockBytes);
+  for (int64_t r = 0; r < kPanelRows; ++r) {
+    uint8_t* out = tmp + r * tmp_stride;
+    if (r >= rows) std::memset(out, 0, static_cast<size_t>(chunks * 64));
+    else if (T3) decode_t3_row(w + (p0 + r) * row_bytes, n_blocks, chunks * 64, out);
+    else decode_i2_row(w + (p0 + r) * row_bytes, n_blocks, chunks * 64, out);
+  }
+  for (int64_t kk = 0; kk < chunks; ++kk)
+    for (int64_t half = 0; half < 2; ++half) {
+      __m512i in[16], t[16];
+      for (int i = 0; i < 16; ++i) in[i] = _mm512_load_si512(tmp + (16 * half + i) * tmp_stride + kk * 64);
+      transpose16x16(in, t);
+      for (int k = 0; k < 16; ++k) _mm512_store_si512(lanes + ((kk * 16 + k) * 2 + half) * 64, t[k]);
+    }
+}
+
+template <int NA>
+inline void lane_panel_tile(const uint8_t* lanes, int64_t groups, const QuantRows& x, int64_t i0, int64_t p0,
+                            int64_t rows, float s_w, float* y, int64_t y_stride) {
+  __m512i acc0[NA], acc1[NA];
+  const int8_t* xq[NA];
+  for (int a = 0; a < NA; ++a) {
+    acc0[a] = acc1[a] = _mm512_setzero_si512();
+    xq[a] = x.q + (i0 + a) * x.stride;
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512i w0 = _mm512_load_si512(lanes + g * 128), w1 = _mm512_load_si512(lanes + g * 128 + 64);
+    for (int a = 0; a < NA; ++a) {
+      int32_t v;
+      std::memcpy(&v, xq[a] + 4 * g, 4);
+      const __m512i xb = _mm512_set1_epi32(v);
+      acc0[a] = dpbusd(acc0[a], w0, xb);
+      acc1[a] = dpbusd(acc1[a], w1, xb);
+    }
+  }
+  const __mmask16 m0 = tail_mask16(std::min<int64_t>(rows, 16));
+  const __mmask16 m1 = rows > 16 ? tail_mask16(std::min<int64_t>(rows - 16, 16)) : static_cast<__mmask16>(0);
+  for (int a = 0; a < NA; ++a) {
+    const __m512 f = _mm512_set1_ps(s_w / x.scale[i0 + a]);
+    const __m512i sx = _mm512_set1_epi32(x.sum[i0 + a]);
+    float* yr = y + (i0 + a) * y_stride + p0;
+    _mm512_mask_storeu_ps(yr, m0, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc0[a], sx)), f));
+    if (m1) _mm512_mask_storeu_ps(yr + 16, m1, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc1[a], sx)), f));
+  }
+}
+
+// lane_panel_tile<na> for 1 <= na <= NA.
+template <int NA = kPanelTileRows>
+inline void lane_panel_tiles(int64_t na, const uint8_t* lanes, int64_t groups, const QuantRows& x, int64_t i0,
+                             int64_t p0, int64_t rows, float s_w, float* y, int64_t y_stride) {
+  if constexpr (NA > 1)
+    if (na < NA) return lane_panel_tiles<NA - 1>(na, lanes, groups, x, i0, p0, rows, s_w, y, y_stride);
+  lane_panel_tile<NA>(lanes, groups, x, i0, p0, rows, s_w, y, y_stride);
+}
+
+template <bool T3>
+void ternary_rows_panel(const uint8_t* w, int64_t n_blocks, int64_t r0, int64_t r1, const QuantRows& x, float s_w,
+                        float* y, int64_t y_stride) {
+  const int64_t k_codes = n_blocks * (T3 ? kT3BlockCodes : kI2BlockCodes);
+  const int64_t chunks = (k_codes + 63) / 64, groups = k_codes / 4;
+  // one cache line more than the codes: 16 rows a power of two apart would share L1 sets
+  const int64_t tmp_stride = chunks * 64 + 64;
+  PanelScratch& s = panel_scratch();
+  uint8_t* tmp = aligned64(s.rows, static_cast<size_t>(kPanelRows * tmp_stride));
+  uint8_t* lanes = aligned64(s.lanes, static_cast<size_t>(kPanelRows * chunks * 64));
+  // the activation rows in equal tiles of at most kPanelTileRows (16 = 8 + 8, not 12 + 4)
+  const int64_t n_tiles = (x.m + kPanelTileRows - 1) / kPanelTileRows, tile = (x.m + n_tiles - 1) / n_tiles;
+  for (int64_t p0 = r0; p0 < r1; p0 += kPanelRows) {
+    const int64_t rows = std::min(kPanelRows, r1 - p0);
+    build_lane_panel<T3>(w, n_blocks, p0, rows, chunks, tmp, tmp_stride, lanes);
+    for (int64_t i0 = 0; i0 < x.m; i0 += tile)
+      lane_panel_tiles(std::min(tile, x.m - i0), lanes, groups, x, i0, p0, rows, s_w, y, y_stride);
   }
 }
 

@@ -106,9 +106,18 @@ inline simde__m512i cvtps_epi32(simde__m512 v) {  // current rounding mode; NaN 
   return simde_mm512_loadu_si512(b);
 }
 
+inline simde__m512 cvtepi32_ps(simde__m512i v) {  // round to nearest, as vcvtdq2ps under the default MXCSR
+  int32_t a[16];
+  simde_mm512_storeu_si512(a, v);
+  float b[16];
+  for (int i = 0; i < 16; ++i) b[i] = static_cast<float>(a[i]);
+  return simde_mm512_loadu_ps(b);
+}
+
 }  // namespace bitnet_emu
 
 #define _mm512_cvtps_epi32 bitnet_emu::cvtps_epi32
+#define _mm512_cvtepi32_ps bitnet_emu::cvtepi32_ps
 #define _mm512_srai_epi32 bitnet_emu::srai_epi32
 #undef _mm512_add_epi8
 #define _mm512_add_epi8 bitnet_emu::add_epi8
