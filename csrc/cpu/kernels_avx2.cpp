@@ -296,7 +296,7 @@ void dense_rows_t(const void* w, int64_t n, int64_t r0, int64_t r1, const float*
   const auto* base = static_cast<const uint8_t*>(w);
   const int64_t row_bytes = n * (DT == DType::F32 ? 4 : DT == kI8Codes ? 1 : 2);
   sweep_row_blocks(r0, r1, m, 16, [&](auto na, int64_t r, int64_t i) {  // 16 fp16 rows of 1536: 48 KB
-    if constexpr (decltype(na)::value < 4) prefetch_ahead(base + r * row_bytes, row_bytes);  // decode: memory-bound
+    // no software prefetch: these rows stream faster without (the lm_head, bench/README.md "session 12")
     dense_row_tile<DT, decltype(na)::value>(base + r * row_bytes, n, x, i, x_stride, y, y_stride, r);
   });
 }
