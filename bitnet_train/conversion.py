@@ -94,9 +94,13 @@ def refit_scale(w: torch.Tensor, codes: torch.Tensor, h: torch.Tensor) -> float:
     return float((qh * w.double()).sum()) / den
 
 
-def gptq_codes(w: torch.Tensor, h: torch.Tensor, s: float, *, damp: float = 0.01, block_size: int = 32,
-               act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def gptq_codes(w: torch.Tensor, h: torch.Tensor, s: float | torch.Tensor, *, damp: float = 0.01,
+               block_size: int = 32, act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ rounding of W (out, in) to s * {-1, 0, 1} given H (in, in). -> (codes, compensated).
+
+    s: one scale, or one per row (out,): GPTQ treats every row on its own given H, so the linears
+    that read one input (q/k/v, gate/up) are rounded as one stacked W with their own scales, one
+    column loop and one factorisation for all of them (`ternary_gptq_group`).
 
     codes: float64 in {-1, 0, 1}; compensated: each weight's value at the moment it was rounded
     (the original weight plus the error spread onto it), so codes == clamp(round(compensated / s)).
@@ -104,6 +108,7 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, s: float, *, damp: float = 0.01
     W = w.double().clone()
     H = h.double().clone()
     n = W.shape[1]
+    s = torch.as_tensor(s, dtype=torch.float32).expand(W.shape[0]).clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
     H += torch.eye(n, dtype=H.dtype) * (damp * float(torch.diagonal(H).mean()))
@@ -141,23 +146,45 @@ class LayerResult:
 def ternary_gptq(w: torch.Tensor, h: torch.Tensor, cfg: ConvertConfig | None = None) -> LayerResult:
     """Codes and scale for one weight tensor: `scale_passes` GPTQ passes (each with the scale refit in
     closed form from the previous codes), and absmean rounding; the lowest output error is kept."""
+    return ternary_gptq_group([w], h, cfg)[0]
+
+
+def ternary_gptq_group(ws: list[torch.Tensor], h: torch.Tensor, cfg: ConvertConfig | None = None) -> list[LayerResult]:
+    """`ternary_gptq` of several weight tensors (out_i, in) that read the same input (one H): each pass
+    rounds them stacked, each row with its own tensor's scale, and each tensor keeps its own best pass,
+    so every result is the one `ternary_gptq` gives that tensor alone (the same per-row operations)."""
     cfg = cfg or ConvertConfig(method="gptq")
-    codes, s_w = weight_quant(w)
-    s0 = float(s_w)
-    w64 = w.double()
-    best = LayerResult(codes.double(), s0, w64 / s0, output_error(w, codes.double() * s0, h), 0.0)
-    best.round_error = best.error
-    s = s0
+    rows = [int(w.shape[0]) for w in ws]
+    bounds = [sum(rows[:i]) for i in range(len(ws) + 1)]
+    best, scale, live = [], [], []
+    for w in ws:
+        codes, s_w = weight_quant(w)
+        s0 = float(s_w)
+        r = LayerResult(codes.double(), s0, w.double() / s0, output_error(w, codes.double() * s0, h), 0.0)
+        r.round_error = r.error
+        best.append(r)
+        scale.append(s0)
+        live.append(True)
+    stacked = torch.cat([w.detach() for w in ws]) if len(ws) > 1 else ws[0]
     for _ in range(cfg.scale_passes):
-        q, comp = gptq_codes(w, h, s, damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order)
-        s_fit = refit_scale(w, q, h)
-        if not s_fit > 0:
+        if not any(live):
             break
-        err = output_error(w, q * s_fit, h)
-        if err < best.error:
-            # comp / s rounds to q; rescaled to s_fit the positions keep their place in the intervals
-            best = LayerResult(q, s_fit, comp / s, err, best.round_error)
-        s = s_fit
+        s_rows = torch.cat([torch.full((n,), s_i, dtype=torch.float32) for n, s_i in zip(rows, scale)])
+        q_all, comp_all = gptq_codes(stacked, h, s_rows, damp=cfg.damp, block_size=cfg.block_size,
+                                     act_order=cfg.act_order)
+        for i, w in enumerate(ws):
+            if not live[i]:  # its passes ended (as ternary_gptq's loop breaks); its rows ride along
+                continue
+            q, comp = q_all[bounds[i]:bounds[i + 1]], comp_all[bounds[i]:bounds[i + 1]]
+            s_fit = refit_scale(w, q, h)
+            if not s_fit > 0:
+                live[i] = False
+                continue
+            err = output_error(w, q * s_fit, h)
+            if err < best[i].error:
+                # comp / s rounds to q; rescaled to s_fit the positions keep their place in the intervals
+                best[i] = LayerResult(q, s_fit, comp / scale[i], err, best[i].round_error)
+            scale[i] = s_fit
     return best
 
 
@@ -309,11 +336,15 @@ def convert_model(model, ids: torch.Tensor, cfg: ConvertConfig, log=print, autoc
             for group in groups if cfg.method == "gptq" else ():  # round: reconstruction from rounding's codes
                 with _fp(pending):  # this group and the later ones full precision; the earlier ones ternary
                     hs = _collect_hessians(block, group, x_q, cos, sin)
+                by_input: dict[int, list] = {}  # the linears that read one input share one H: one stacked GPTQ
                 for name, m in group:
-                    r = ternary_gptq(m.weight.detach(), hs[name], cfg)
-                    m.weight.copy_(ternary_latent(r.codes, r.positions, r.scale, m.eps).to(m.weight.dtype))
-                    ratios.append(r.error / r.round_error if r.round_error > 0 else 1.0)
-                    pending.remove(m)
+                    by_input.setdefault(id(hs[name]), []).append((name, m))
+                for members in by_input.values():
+                    results = ternary_gptq_group([m.weight.detach() for _, m in members], hs[members[0][0]], cfg)
+                    for (name, m), r in zip(members, results):
+                        m.weight.copy_(ternary_latent(r.codes, r.positions, r.scale, m.eps).to(m.weight.dtype))
+                        ratios.append(r.error / r.round_error if r.round_error > 0 else 1.0)
+                        pending.remove(m)
             if cfg.recon_steps:
                 model.train()
                 recon.append(_reconstruct(block, x_q, y_fp, cos, sin, cfg, seed=bi, autocast=autocast))

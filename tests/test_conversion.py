@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bitnet_train.conversion import (
-    ConvertConfig, convert_model, gptq_codes, output_error, refit_scale, ternary_gptq, ternary_latent,
+    ConvertConfig, convert_model, gptq_codes, output_error, refit_scale, ternary_gptq, ternary_gptq_group,
+    ternary_latent,
 )
 from bitnet_train.errors import ConfigError
 from bitnet_train.model import BitNetModel, ModelConfig
@@ -86,6 +87,24 @@ def test_ternary_gptq_lowers_the_output_error_and_its_scale_is_the_least_squares
     assert r.error == pytest.approx(output_error(w, r.codes * r.scale, h))
     for f in (0.99, 1.01):  # the closed form is the minimum over s for these codes
         assert output_error(w, r.codes * r.scale * f, h) > r.error
+
+
+def test_stacked_gptq_of_linears_sharing_an_input_is_each_ones_own_gptq():
+    # q/k/v (and gate/up) read one input: one stacked column loop with per-row scales must give every
+    # tensor exactly the codes, scale and positions that rounding it alone gives
+    g = torch.Generator().manual_seed(5)
+    h = _correlated(256, 40, seed=6)
+    ws = [torch.randn(24, 40, generator=g) * 0.02, torch.randn(8, 40, generator=g) * 0.05,
+          torch.randn(8, 40, generator=g) * 0.01]
+    cfg = ConvertConfig(method="gptq", block_size=16, scale_passes=3)
+    for got, w in zip(ternary_gptq_group(ws, h, cfg), ws):
+        alone = ternary_gptq(w, h, cfg)
+        assert got.codes.shape == w.shape
+        assert torch.equal(got.codes, alone.codes)
+        assert got.scale == alone.scale and got.error == alone.error and got.round_error == alone.round_error
+        assert torch.equal(got.positions, alone.positions)
+    # the scales differ by 5x between the tensors: a stacked loop with one scale would not match
+    assert len({round(r.scale, 6) for r in ternary_gptq_group(ws, h, cfg)}) == 3
 
 
 @pytest.mark.parametrize("seed", range(6))
