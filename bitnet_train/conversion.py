@@ -108,7 +108,7 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, s: float | torch.Tensor, *, dam
     W = w.double().clone()
     H = h.double().clone()
     n = W.shape[1]
-    s = torch.as_tensor(s, dtype=torch.float32).expand(W.shape[0]).clone()
+    s = torch.as_tensor(s, dtype=torch.float32).expand(W.shape[0])
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
     H += torch.eye(n, dtype=H.dtype) * (damp * float(torch.diagonal(H).mean()))
@@ -155,7 +155,6 @@ def ternary_gptq_group(ws: list[torch.Tensor], h: torch.Tensor, cfg: ConvertConf
     so every result is the one `ternary_gptq` gives that tensor alone (the same per-row operations)."""
     cfg = cfg or ConvertConfig(method="gptq")
     rows = [int(w.shape[0]) for w in ws]
-    bounds = [sum(rows[:i]) for i in range(len(ws) + 1)]
     best, scale, live = [], [], []
     for w in ws:
         codes, s_w = weight_quant(w)
@@ -172,10 +171,9 @@ def ternary_gptq_group(ws: list[torch.Tensor], h: torch.Tensor, cfg: ConvertConf
         s_rows = torch.cat([torch.full((n,), s_i, dtype=torch.float32) for n, s_i in zip(rows, scale)])
         q_all, comp_all = gptq_codes(stacked, h, s_rows, damp=cfg.damp, block_size=cfg.block_size,
                                      act_order=cfg.act_order)
-        for i, w in enumerate(ws):
+        for i, (w, q, comp) in enumerate(zip(ws, q_all.split(rows), comp_all.split(rows))):
             if not live[i]:  # its passes ended (as ternary_gptq's loop breaks); its rows ride along
                 continue
-            q, comp = q_all[bounds[i]:bounds[i + 1]], comp_all[bounds[i]:bounds[i + 1]]
             s_fit = refit_scale(w, q, h)
             if not s_fit > 0:
                 live[i] = False

@@ -97,14 +97,15 @@ def test_stacked_gptq_of_linears_sharing_an_input_is_each_ones_own_gptq():
     ws = [torch.randn(24, 40, generator=g) * 0.02, torch.randn(8, 40, generator=g) * 0.05,
           torch.randn(8, 40, generator=g) * 0.01]
     cfg = ConvertConfig(method="gptq", block_size=16, scale_passes=3)
-    for got, w in zip(ternary_gptq_group(ws, h, cfg), ws):
+    results = ternary_gptq_group(ws, h, cfg)
+    for got, w in zip(results, ws):
         alone = ternary_gptq(w, h, cfg)
         assert got.codes.shape == w.shape
         assert torch.equal(got.codes, alone.codes)
         assert got.scale == alone.scale and got.error == alone.error and got.round_error == alone.round_error
         assert torch.equal(got.positions, alone.positions)
     # the scales differ by 5x between the tensors: a stacked loop with one scale would not match
-    assert len({round(r.scale, 6) for r in ternary_gptq_group(ws, h, cfg)}) == 3
+    assert len({round(r.scale, 6) for r in results}) == 3
 
 
 @pytest.mark.parametrize("seed", range(6))
