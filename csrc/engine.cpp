@@ -405,7 +405,7 @@ void Model::run_linears(std::vector<MatJob>& jobs, int64_t m) const {
     for (int64_t r = 0; r < j.lin->out; r += chunk) tasks.push_back({&j, r, std::min(j.lin->out, r + chunk)});
   }
   const KernelTable& kt = *kernels_;
-  parallel_for(static_cast<int64_t>(tasks.size()), threads_, [&](int64_t ti) {
+  parallel_for_guided(static_cast<int64_t>(tasks.size()), threads_, [&](int64_t ti) {
     const Task& t = tasks[static_cast<size_t>(ti)];
     const Linear& l = *t.job->lin;
     if (l.ternary)
@@ -518,10 +518,8 @@ void Model::forward(KVCache& cache, const Batch& b, bool all_logits, float* logi
         if (kv16) {
           uint16_t* kd = cache.k16(l, tok_seq[t], kh) + tok_pos[t] * hd;
           uint16_t* vd = cache.v16(l, tok_seq[t], kh) + tok_pos[t] * hd;
-          for (int64_t i = 0; i < hd; ++i) {
-            kd[i] = fp32_to_fp16(kr[i]);
-            vd[i] = fp32_to_fp16(vr[i]);
-          }
+          kernels_->to_fp16(kr, hd, kd);
+          kernels_->to_fp16(vr, hd, vd);
         } else {
           std::copy_n(kr, hd, cache.k(l, tok_seq[t], kh) + tok_pos[t] * hd);
           std::copy_n(vr, hd, cache.v(l, tok_seq[t], kh) + tok_pos[t] * hd);

@@ -122,6 +122,8 @@ struct KernelTable {
   //   y[i*y_stride + r] = w_scale[r] * sum_k w[r,k] * x[i*x_stride + k]      (fp32 accumulation)
   void (*int8_rows)(const int8_t* w, const float* w_scale, int64_t n, int64_t r0, int64_t r1, const float* x,
                     int64_t m, int64_t x_stride, float* y, int64_t y_stride);
+  // out[i] = fp32_to_fp16(x[i]) for i < n, bit for bit (the f16 KV cache's stores; F16C where present).
+  void (*to_fp16)(const float* x, int64_t n, uint16_t* out);
   // Optional (null elsewhere): the AMX table's reordering of quantized rows into its B tiles
   // (packed_rows_bytes(x.m, x.stride) bytes), worth making once per input from pack_min_rows rows.
   void (*pack_rows)(const QuantRows& x, int8_t* out) = nullptr;
@@ -135,7 +137,9 @@ template <class T>
 void attend_scalar(const float* q, const T* K, const T* V, int64_t len, int64_t hd, float scale, float* p, float* out);
 void int8_rows_scalar(const int8_t* w, const float* w_scale, int64_t n, int64_t r0, int64_t r1, const float* x,
                       int64_t m, int64_t x_stride, float* y, int64_t y_stride);
+void to_fp16_scalar(const float* x, int64_t n, uint16_t* out);
 #ifdef BITNET_HAVE_AVX2
+void to_fp16_avx2(const float* x, int64_t n, uint16_t* out);
 template <class T>
 void attend_avx2(const float* q, const T* K, const T* V, int64_t len, int64_t hd, float scale, float* p, float* out);
 void int8_rows_avx2(const int8_t* w, const float* w_scale, int64_t n, int64_t r0, int64_t r1, const float* x,

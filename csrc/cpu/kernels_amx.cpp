@@ -194,6 +194,7 @@ const KernelTable BITNET_AMX_TABLE = {BITNET_AMX_NAME,
                                       BITNET_AMX_BASE.attend,
                                       BITNET_AMX_BASE.attend_f16,
                                       BITNET_AMX_BASE.int8_rows,
+                                      BITNET_AMX_BASE.to_fp16,
                                       pack_rows_amx,
                                       kAmxMinRows};
 

@@ -393,6 +393,15 @@ template void attend_avx2<float>(const float*, const float*, const float*, int64
 template void attend_avx2<uint16_t>(const float*, const uint16_t*, const uint16_t*, int64_t, int64_t, float, float*,
                                     float*);
 
+// F16C's vcvtps2ph rounds to nearest even, keeps subnormals, overflows to inf and quiets NaN as
+// fp32_to_fp16 does (the C++ tests compare them on every case).
+void to_fp16_avx2(const float* x, int64_t n, uint16_t* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) out[i] = fp32_to_fp16(x[i]);
+}
+
 void int8_rows_avx2(const int8_t* w, const float* w_scale, int64_t n, int64_t r0, int64_t r1, const float* x,
                     int64_t m, int64_t x_stride, float* y, int64_t y_stride) {
   dense_rows_t<kI8Codes>(w, n, r0, r1, x, m, x_stride, y, y_stride);
@@ -401,6 +410,6 @@ void int8_rows_avx2(const int8_t* w, const float* w_scale, int64_t n, int64_t r0
 }
 
 const KernelTable kAvx2Kernels = {"avx2", quantize_rows_avx2, ternary_rows_avx2, ternary_rows_t3_avx2, dense_rows_avx2,
-                                  attend_avx2<float>, attend_avx2<uint16_t>, int8_rows_avx2};
+                                  attend_avx2<float>, attend_avx2<uint16_t>, int8_rows_avx2, to_fp16_avx2};
 
 }  // namespace bitnet

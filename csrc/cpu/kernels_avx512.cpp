@@ -640,11 +640,11 @@ void attend_avx512(const float* q, const T* K, const T* V, int64_t len, int64_t 
 #ifdef BITNET_HAVE_AVX2
 const KernelTable BITNET_AVX512_TABLE = {BITNET_AVX512_NAME, quantize_rows_avx512, ternary_rows_avx512,
                                          ternary_rows_t3_avx512, dense_rows_avx512, attend_avx512<float>,
-                                         attend_avx512<uint16_t>, int8_rows_avx2};
+                                         attend_avx512<uint16_t>, int8_rows_avx2, to_fp16_avx2};
 #else
 const KernelTable BITNET_AVX512_TABLE = {BITNET_AVX512_NAME, quantize_rows_avx512, ternary_rows_avx512,
                                          ternary_rows_t3_avx512, dense_rows_avx512, attend_avx512<float>,
-                                         attend_avx512<uint16_t>, int8_rows_scalar};
+                                         attend_avx512<uint16_t>, int8_rows_scalar, to_fp16_scalar};
 #endif
 
 }  // namespace bitnet

@@ -197,6 +197,10 @@ uint16_t fp32_to_fp16(float f) {
   return static_cast<uint16_t>(sign | ((ax - 0x38000000u + 0xfffu + odd) >> 13));
 }
 
+void to_fp16_scalar(const float* x, int64_t n, uint16_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = fp32_to_fp16(x[i]);
+}
+
 template <class T>
 void attend_scalar(const float* q, const T* K, const T* V, int64_t len, int64_t hd, float scale, float* p, float* out) {
   float mx = -INFINITY;
@@ -309,6 +313,6 @@ void repack_t3_b160_to_i2_b128(const uint8_t* t3, int64_t rows, int64_t in, uint
 
 const KernelTable kScalarKernels = {"scalar", quantize_rows_scalar, ternary_rows_scalar, ternary_rows_t3_scalar,
                                     dense_rows_scalar, attend_scalar<float>, attend_scalar<uint16_t>,
-                                    int8_rows_scalar};
+                                    int8_rows_scalar, to_fp16_scalar};
 
 }  // namespace bitnet

@@ -39,4 +39,19 @@ void parallel_for(int64_t n_tasks, int n_threads, const F& fn) {
   for (int64_t t = 0; t < n_tasks; ++t) fn(t);
 }
 
+// As parallel_for, with OpenMP's guided schedule: halving contiguous chunks, the last ones small, so a
+// thread that finishes early takes over the rest of a slower one's rows.
+template <class F>
+void parallel_for_guided(int64_t n_tasks, int n_threads, const F& fn) {
+#ifdef _OPENMP
+  if (n_threads > 1 && n_tasks > 1) {
+#pragma omp parallel for num_threads(n_threads) schedule(guided)
+    for (int64_t t = 0; t < n_tasks; ++t) fn(t);
+    return;
+  }
+#endif
+  (void)n_threads;
+  for (int64_t t = 0; t < n_tasks; ++t) fn(t);
+}
+
 }  // namespace bitnet

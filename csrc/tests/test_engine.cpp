@@ -89,7 +89,8 @@ std::vector<uint8_t> pack_t3(const std::vector<int8_t>& codes, int64_t out, int6
 void test_kernels(std::mt19937& rng) {
   std::normal_distribution<float> normal;
   std::uniform_int_distribution<int> code(-1, 1);
-  const int64_t shapes[][3] = {{1, 1, 1}, {3, 31, 2}, {17, 127, 3}, {33, 128, 4}, {64, 129, 5}, {40, 300, 7}, {9, 4133, 6}};
+  const int64_t shapes[][3] = {{1, 1, 1},  {3, 31, 2},  {17, 127, 3}, {33, 128, 4}, {64, 129, 5},
+                               {40, 300, 7}, {9, 4133, 6}, {37, 300, 1}, {68, 129, 1}, {8, 4133, 1}};  // m = 1: decode tiles
   for (const KernelTable* kt : tables()) {
     const std::string isa = kt->name;
     for (const auto& s : shapes) {
@@ -402,6 +403,41 @@ void test_fp16_rounding() {
     check(fp32_to_fp16(c.f) == c.h, std::string("fp32_to_fp16: ") + c.what);
   const uint16_t nan = fp32_to_fp16(NAN);
   check((nan & 0x7c00u) == 0x7c00u && (nan & 0x3ffu), "fp32_to_fp16: NaN stays NaN");
+
+  // every table's to_fp16 (the KV cache's stores) = fp32_to_fp16 bit for bit: the cases above, every
+  // fp16 value and the midpoints next to it, and random fp32 bit patterns (NaNs, subnormals, all)
+  std::vector<float> xs;
+  for (const Case& c : cases) xs.push_back(c.f);
+  xs.push_back(NAN);
+  for (uint32_t h = 0; h < 0x10000u; ++h) {
+    const float f = fp16_to_fp32(static_cast<uint16_t>(h));
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    for (uint32_t d : {0u, 0xfffu, 0x1000u, 0x1001u}) {  // the value, just below / on / above the tie
+      const uint32_t v = u + d;
+      float g;
+      std::memcpy(&g, &v, sizeof g);
+      xs.push_back(g);
+    }
+  }
+  std::mt19937 bits(7);
+  for (int i = 0; i < 200003; ++i) {  // an odd count: the vector loops' scalar tails run too
+    const uint32_t v = static_cast<uint32_t>(bits());
+    float g;
+    std::memcpy(&g, &v, sizeof g);
+    xs.push_back(g);
+  }
+  std::vector<uint16_t> ref(xs.size());
+  for (size_t i = 0; i < xs.size(); ++i) ref[i] = fp32_to_fp16(xs[i]);
+  for (const KernelTable* kt : tables()) {
+    std::vector<uint16_t> got(xs.size(), 0x1234);
+    kt->to_fp16(xs.data(), static_cast<int64_t>(xs.size()), got.data());
+    int64_t first = -1;
+    for (size_t i = 0; i < xs.size() && first < 0; ++i)
+      if (got[i] != ref[i]) first = static_cast<int64_t>(i);
+    check(first < 0, std::string(kt->name) + " to_fp16 = fp32_to_fp16 bit for bit" +
+                         (first < 0 ? "" : " (first difference at element " + std::to_string(first) + ")"));
+  }
 }
 
 // attend_f16: every table against the scalar fp16 reference, and that reference against the fp32
