@@ -25,32 +25,25 @@ inline bool have_openmp() {
 #endif
 }
 
-// fn(task) for task in [0, n_tasks), statically split over n_threads. fn must not throw.
+// fn(task) for task in [0, n_tasks) over n_threads: split statically, or with `guided` on OpenMP's
+// guided schedule (halving contiguous chunks, the last ones small: a thread that finishes early
+// takes over the rest of a slower one's tasks). fn must not throw.
 template <class F>
-void parallel_for(int64_t n_tasks, int n_threads, const F& fn) {
+void parallel_for(int64_t n_tasks, int n_threads, const F& fn, bool guided = false) {
 #ifdef _OPENMP
   if (n_threads > 1 && n_tasks > 1) {
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t t = 0; t < n_tasks; ++t) fn(t);
-    return;
-  }
-#endif
-  (void)n_threads;
-  for (int64_t t = 0; t < n_tasks; ++t) fn(t);
-}
-
-// As parallel_for, with OpenMP's guided schedule: halving contiguous chunks, the last ones small, so a
-// thread that finishes early takes over the rest of a slower one's rows.
-template <class F>
-void parallel_for_guided(int64_t n_tasks, int n_threads, const F& fn) {
-#ifdef _OPENMP
-  if (n_threads > 1 && n_tasks > 1) {
+    if (guided) {
 #pragma omp parallel for num_threads(n_threads) schedule(guided)
-    for (int64_t t = 0; t < n_tasks; ++t) fn(t);
+      for (int64_t t = 0; t < n_tasks; ++t) fn(t);
+    } else {
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+      for (int64_t t = 0; t < n_tasks; ++t) fn(t);
+    }
     return;
   }
 #endif
   (void)n_threads;
+  (void)guided;
   for (int64_t t = 0; t < n_tasks; ++t) fn(t);
 }
 
