@@ -125,9 +125,7 @@ PYBIND11_MODULE(_C, m) {
       "fp16_bits",
       [](F32Array x) {
         py::array_t<uint16_t> out(x.request().shape);
-        const float* src = x.data();
-        uint16_t* dst = out.mutable_data();
-        for (py::ssize_t i = 0; i < x.size(); ++i) dst[i] = fp32_to_fp16(src[i]);
+        to_fp16_scalar(x.data(), static_cast<int64_t>(x.size()), out.mutable_data());
         return out;
       },
       py::arg("x"), "fp32 -> fp16 bit patterns as the f16 KV cache stores them (round to nearest even).");

@@ -2,6 +2,7 @@
 // tiny model forward on every table, and bad input -> exceptions. Also the ASan + UBSan target:
 //   cmake -S . -B build/san -DBITNET_PYTHON=OFF -DBITNET_SANITIZE=ON && cmake --build build/san
 //   build/san/bitnet_cpp_tests
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdio>
@@ -432,11 +433,10 @@ void test_fp16_rounding() {
   for (const KernelTable* kt : tables()) {
     std::vector<uint16_t> got(xs.size(), 0x1234);
     kt->to_fp16(xs.data(), static_cast<int64_t>(xs.size()), got.data());
-    int64_t first = -1;
-    for (size_t i = 0; i < xs.size() && first < 0; ++i)
-      if (got[i] != ref[i]) first = static_cast<int64_t>(i);
-    check(first < 0, std::string(kt->name) + " to_fp16 = fp32_to_fp16 bit for bit" +
-                         (first < 0 ? "" : " (first difference at element " + std::to_string(first) + ")"));
+    const auto diff = std::mismatch(got.begin(), got.end(), ref.begin()).first;
+    check(diff == got.end(), std::string(kt->name) + " to_fp16 = fp32_to_fp16 bit for bit" +
+                                 (diff == got.end() ? "" : " (first difference at element " +
+                                                               std::to_string(diff - got.begin()) + ")"));
   }
 }
 
