@@ -16,7 +16,7 @@ block-wise reconstruction; the conversion's seconds count in the arm's train sec
 teacher corpus as full_recipe_mix), and
 full_recipe_lr5e-4 / full_recipe_lr2e-3 / full_recipe_wd0 / full_recipe_ramp (a lambda ramp over half the CE
 stage instead of quantized from step 0) / full_recipe_weight_only_first (the CE stage with ternary weights and
-full-precision activations).
+full-precision activations) / full_recipe_learned_scale (quant.learnable_scale: a trained s_w per tensor).
 
 Modes:
   --mode tokens  every arm trains the same number of steps (same tokens): the number of steps
@@ -89,6 +89,9 @@ ARMS = {
     "full_recipe_wd0": {"recipe": "smollm2_135m_1p58_distill", "extra": ["optim.weight_decay=0"], "staged": True},
     "full_recipe_hidden": {"recipe": "smollm2_135m_1p58_distill", "extra": ["distill.hidden_weight=1.0"],
                            "staged": True},
+    # a learnable per-tensor scale (LSQ-style, trained in log space, exported as s_w) instead of mean|W|
+    "full_recipe_learned_scale": {"recipe": "smollm2_135m_1p58_distill", "extra": ["quant.learnable_scale=true"],
+                                  "staged": True},
 }
 DEFAULT_ARMS = ["plain_qat", "qat_kd", "full_recipe", "fp_finetune"]
 DEFAULT_BUDGET_MINUTES = 25.0

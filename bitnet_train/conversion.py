@@ -341,6 +341,7 @@ def convert_model(model, ids: torch.Tensor, cfg: ConvertConfig, log=print, autoc
                     results = ternary_gptq_group([m.weight.detach() for _, m in members], hs[members[0][0]], cfg)
                     for (name, m), r in zip(members, results):
                         m.weight.copy_(ternary_latent(r.codes, r.positions, r.scale, m.eps).to(m.weight.dtype))
+                        m.init_scale()  # quant.learnable_scale: starts from the chosen scale, not the source's
                         ratios.append(r.error / r.round_error if r.round_error > 0 else 1.0)
                         pending.remove(m)
             if cfg.recon_steps:

@@ -83,6 +83,10 @@ class QuantConfig(DictSerializable):
     # Weight-only quantization before this step (full-precision activations in training; evaluation and
     # export always quantize them): "weight-only first, int8 activations later". 0: int8 from the start.
     act_quant_from_step: int = 0
+    # A learnable per-tensor weight scale (LSQ-style) instead of mean|W|: each ternary BitLinear gets a
+    # `scale` parameter, set to mean|W| at its first forward and trained by its own gradient; the codes
+    # are clamp(round(W / scale)) and export writes the learned value as s_w.
+    learnable_scale: bool = False
 
     def __post_init__(self):
         if int(self.act_quant_from_step) < 0:
@@ -110,6 +114,7 @@ def make_linear_factory(model_cfg: ModelConfig, quant_cfg: QuantConfig) -> Linea
             pre_norm=pre_norm,
             norm_eps=model_cfg.rms_norm_eps,
             eps=quant_cfg.eps,
+            learnable_scale=bool(quant_cfg.learnable_scale),
         )
 
     return factory

@@ -3,6 +3,7 @@
 The quantization contract (shared with export and the runtime, see DESIGN.md):
 
 * weight, per tensor:   s_w = max(mean|W|, eps),  Wt = clamp(round(W / s_w), -1, 1),  W ~ Wt * s_w
+  (quant.learnable_scale: s_w = max(exp(log_scale), eps) of a trained parameter instead, LSQ-style gradient)
 * activation, per token (last dim): s_x = 127 / max(max|x|, eps),  xq = clamp(round(x * s_x), -128, 127)
 * y = (xq @ Wt^T) * s_w / s_x            (integer-exact product, then the scale rule)
 
@@ -93,11 +94,39 @@ def act_quant(x: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch.Te
 # an autograd.Function's forward): the ops run in place and with out=.
 
 
-def _weight_codes(w32: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _weight_codes(w32: torch.Tensor, eps: float, log_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """log_scale: a learned s_w (quant.learnable_scale) instead of mean|W|, clamped to eps the same way."""
     buf = w32.abs()
-    s_w = buf.mean().clamp_(min=eps)
+    s_w = buf.mean().clamp_(min=eps) if log_scale is None else learned_scale(log_scale, eps)
     codes = torch.div(w32, s_w, out=buf).round_().clamp_(-1, 1)
     return codes, s_w
+
+
+def learned_scale(log_scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """A learnable scale as the quantizer uses it: s_w = max(exp(log_scale), eps), 0-dim fp32, no graph.
+    The parameter is the log so that Adam's steps (about lr in the parameter's units) are relative:
+    the same fraction of s for a tensor whose scale is 0.002 as for one whose scale is 0.2."""
+    return log_scale.detach().float().reshape(()).exp().clamp(min=eps)
+
+
+def learned_weight_quant(w: torch.Tensor, log_scale: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight_quant with a learned scale: codes = clamp(round(W / s), -1, 1), s = learned_scale(log_scale)."""
+    s_w = learned_scale(log_scale, eps)
+    return (w.detach().float() / s_w).round().clamp(-1, 1), s_w
+
+
+def _log_scale_grad(grad_weff: torch.Tensor, w: torch.Tensor, s_w: torch.Tensor, lam: float, eps: float) -> torch.Tensor:
+    """dL/d(log s) of w_eff = W + lam * (s * clamp(round(W / s), -1, 1) - W) (LSQ, Esser et al. 2020, with
+    round's gradient passed straight through): with v = W / s, dw_q/ds = round(v) - v inside the clip
+    range |v| <= 1 and the clamp value sign(v) outside; times s for the log, 0 where s sits on eps.
+    grad_weff is dL/dw_eff, which the straight-through estimator also passes to W. LSQ's gradient scale
+    1 / sqrt(numel) is left out: Adam divides every parameter's gradient by its own running RMS."""
+    if not float(s_w) > eps:
+        return torch.zeros((), dtype=torch.float32)
+    v = w.detach().float() / s_w
+    q = v.round().clamp(-1, 1)
+    d = torch.where(v.abs() <= 1, q - v, q)
+    return (grad_weff.float() * d).sum() * (lam * s_w)
 
 
 def _act_codes(x32: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,10 +164,11 @@ def _fused_act(x: torch.Tensor, eps: float, mm_dtype: torch.dtype):
     return codes, s_x, x_eff
 
 
-def _fused_weight(w32: torch.Tensor, eps: float, mm_dtype: torch.dtype):
-    """-> (int8 codes, s_w, w_eff = codes * s_w in mm_dtype): _weight_codes' values; s_w is torch's mean."""
+def _fused_weight(w32: torch.Tensor, eps: float, mm_dtype: torch.dtype, log_scale: torch.Tensor | None = None):
+    """-> (int8 codes, s_w, w_eff = codes * s_w in mm_dtype): _weight_codes' values; s_w is torch's mean
+    (or the learned scale)."""
     w32 = w32.contiguous()
-    s_w = weight_scale(w32, eps)
+    s_w = weight_scale(w32, eps) if log_scale is None else learned_scale(log_scale, eps)
     codes = torch.empty(w32.shape, dtype=torch.int8)
     w_eff = torch.empty(w32.shape, dtype=mm_dtype)
     _quant_ops.weight_codes(w32.data_ptr(), w32.numel(), float(s_w), codes.data_ptr(), w_eff.data_ptr(), _KIND[mm_dtype])
@@ -179,29 +209,32 @@ class _BitLinearFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, lam: float, eps: float, act: bool = True):
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, lam: float, eps: float, act: bool = True,
+                log_scale: torch.Tensor | None = None):
         mm_dtype = _matmul_dtype(x)
         ctx.in_dtypes = (x.dtype, w.dtype)
+        ctx.lam, ctx.eps = lam, eps
+        ctx.learned = log_scale is not None
         out_dtype = mm_dtype if mm_dtype != torch.float32 else x.dtype
         if not act:  # weight-only quantization (quant.act_quant_from_step): the input as it is
             w32 = w if w.dtype == torch.float32 else w.float()
-            w_codes, s_w = _weight_codes(w32, eps)
+            w_codes, s_w = _weight_codes(w32, eps, log_scale)
             w_eff = w_codes.mul_(s_w)
             if lam != 1.0:
                 w_eff = w_eff.sub_(w32).mul_(lam).add_(w32)
             x_eff, w_eff = x.to(mm_dtype), w_eff.to(mm_dtype)
-            ctx.save_for_backward(x_eff, w_eff)
+            ctx.save_for_backward(x_eff, w_eff, *((w, s_w) if ctx.learned else ()))
             return F.linear(x_eff, w_eff).to(out_dtype)
         if lam == 1.0 and _fused_ok(x, w, mm_dtype):
             x_i8, s_x, x_eff = _fused_act(x, eps, mm_dtype)
-            w_i8, s_w, w_eff = _fused_weight(w, eps, mm_dtype)
+            w_i8, s_w, w_eff = _fused_weight(w, eps, mm_dtype, log_scale)
             y = _integer_product(x_i8, w_i8, mm_dtype).mul_(s_w / s_x)
-            ctx.save_for_backward(x_eff, w_eff)
+            ctx.save_for_backward(x_eff, w_eff, *((w, s_w) if ctx.learned else ()))
             return y.to(out_dtype)
         x32 = x if x.dtype == torch.float32 else x.float()
         w32 = w if w.dtype == torch.float32 else w.float()
         x_codes, s_x = _act_codes(x32, eps)  # (..., in), (..., 1)
-        w_codes, s_w = _weight_codes(w32, eps)  # (out, in), ()
+        w_codes, s_w = _weight_codes(w32, eps, log_scale)  # (out, in), ()
         if lam == 1.0:
             acc = _integer_product(x_codes, w_codes, mm_dtype)  # (..., out), the exact integer sums
             y = acc.mul_(s_w / s_x)
@@ -212,19 +245,25 @@ class _BitLinearFn(torch.autograd.Function):
             x_eff = x_codes.div_(s_x).sub_(x32).mul_(lam).add_(x32).to(mm_dtype)
             w_eff = w_codes.mul_(s_w).sub_(w32).mul_(lam).add_(w32).to(mm_dtype)
             y = F.linear(x_eff, w_eff).float()
-        ctx.save_for_backward(x_eff, w_eff)
+        ctx.save_for_backward(x_eff, w_eff, *((w, s_w) if ctx.learned else ()))
         return y.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x_eff, w_eff = ctx.saved_tensors
+        x_eff, w_eff = ctx.saved_tensors[:2]
         g = grad_y.to(x_eff.dtype)
-        grad_x = grad_w = None
+        grad_x = grad_w = grad_s = None
         if ctx.needs_input_grad[0]:
             grad_x = (g @ w_eff).to(ctx.in_dtypes[0])  # (..., in)
-        if ctx.needs_input_grad[1]:
-            grad_w = (g.reshape(-1, g.shape[-1]).t() @ x_eff.reshape(-1, x_eff.shape[-1])).to(ctx.in_dtypes[1])
-        return grad_x, grad_w, None, None, None
+        want_s = ctx.learned and ctx.needs_input_grad[5]
+        if ctx.needs_input_grad[1] or want_s:
+            grad_weff = g.reshape(-1, g.shape[-1]).t() @ x_eff.reshape(-1, x_eff.shape[-1])  # dL/dw_eff
+            if want_s:
+                w, s_w = ctx.saved_tensors[2:]
+                grad_s = _log_scale_grad(grad_weff, w, s_w, ctx.lam, ctx.eps)
+            if ctx.needs_input_grad[1]:
+                grad_w = grad_weff.to(ctx.in_dtypes[1])
+        return grad_x, grad_w, None, None, None, grad_s
 
 
 class RMSNorm(nn.Module):
@@ -259,6 +298,7 @@ class BitLinear(nn.Module):
         norm_eps: float = 1e-6,
         eps: float = EPS,
         bias: bool = False,
+        learnable_scale: bool = False,
     ):
         super().__init__()
         self.in_features = in_features
@@ -273,6 +313,11 @@ class BitLinear(nn.Module):
         # False: weight-only quantization while training (quant.act_quant_from_step; set every step from
         # the step, so not checkpointed). Evaluation always quantizes the activations: the served function.
         self.act_quant = True
+        # quant.learnable_scale: the trained s_w = exp(log_scale); scale_set False until the first forward
+        # sets it to mean|W| (after any import or conversion has set W). Both are checkpointed; export
+        # writes the learned s_w.
+        self.log_scale = nn.Parameter(torch.zeros(())) if (learnable_scale and quantize) else None
+        self.register_buffer("scale_set", torch.zeros((), dtype=torch.bool) if self.log_scale is not None else None)
         nn.init.normal_(self.weight, std=0.02)
 
     def set_lambda(self, lam: float) -> None:
@@ -285,12 +330,25 @@ class BitLinear(nn.Module):
             x = self.norm(x)
         if not self.quantize:
             return F.linear(x, self.weight, self.bias)
-        y = _BitLinearFn.apply(x, self.weight, float(self.lam), self.eps, self.act_quant or not self.training)
+        if self.log_scale is not None and not bool(self.scale_set):
+            self.init_scale()
+        y = _BitLinearFn.apply(x, self.weight, float(self.lam), self.eps, self.act_quant or not self.training,
+                               self.log_scale)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    @torch.no_grad()
+    def init_scale(self) -> None:
+        """The learnable scale's start: mean|W| of the weights as they are now (what absmean would use)."""
+        if self.log_scale is not None:
+            self.log_scale.copy_(weight_scale(self.weight.detach(), self.eps).log())
+            self.scale_set.fill_(True)
+
     def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ternary codes as int8, fp32 scale s_w): what export writes."""
-        codes, s_w = weight_quant(self.weight.detach(), self.eps)
+        """(ternary codes as int8, fp32 scale s_w): what export writes (the learned scale where there is one)."""
+        if self.log_scale is not None and bool(self.scale_set):
+            codes, s_w = learned_weight_quant(self.weight, self.log_scale, self.eps)
+        else:
+            codes, s_w = weight_quant(self.weight.detach(), self.eps)
         return codes.to(torch.int8), s_w
 
     def extra_repr(self) -> str:

@@ -250,8 +250,11 @@ class LazyCheckpoint:
     def __post_init__(self):
         from .model_dir import check_state
 
-        check_state(state_shapes(meta_model(self.config, self.quant).state_dict()), state_shapes(self.state),
-                    self.source)
+        own = meta_model(self.config, self.quant).state_dict()
+        for key, t in own.items():  # quant.learnable_scale: not set, the first forward sets it to mean|W|
+            if key.endswith((".log_scale", ".scale_set")) and key not in self.state:
+                self.state[key] = LazyTensor.of(torch.zeros(t.shape, dtype=t.dtype))
+        check_state(state_shapes(own), state_shapes(self.state), self.source)
 
     def build_model(self):
         """The BitNetModel on CPU (fp32, eval mode), filled one tensor at a time."""

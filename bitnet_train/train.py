@@ -69,11 +69,8 @@ class TernaryFlipRate(Callback):
 
     @staticmethod
     def codes(model) -> dict[str, torch.Tensor]:
-        from .quant import weight_quant
-
         with torch.no_grad():
-            return {n: weight_quant(m.weight.detach(), m.eps)[0].to(torch.int8)
-                    for n, m in model.bitlinear_modules().items() if m.quantize}
+            return {n: m.quantized_weight()[0] for n, m in model.bitlinear_modules().items() if m.quantize}
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self._before = self.codes(pl_module.model) if trainer.global_step % self.every == 0 else None

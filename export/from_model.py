@@ -19,7 +19,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..model import BitNetModel, ModelConfig, QuantConfig
-from ..quant import weight_quant, weight_scale
+from ..quant import learned_weight_quant, learned_scale, weight_quant, weight_scale
 from ..tensor_files import LazyTensor, meta_model
 from .schema import DENSE, TERNARY, FormatError, dense_shapes, linear_shapes
 from .writer import ModelArrays, cast_dense
@@ -99,13 +99,27 @@ class QuantizedTensors:
         return sum(int(np.prod(s)) for s in {**linear_shapes(self.config), **dense_shapes(self.config)}.values())
 
     def quantized(self, name: str) -> tuple[np.ndarray, float]:
-        codes, s_w = weight_quant(self._state[f"{name}.weight"].load().detach(), self._eps[name])
+        w, learned = self._state[f"{name}.weight"].load().detach(), self._learned_scale(name)
+        if learned is None:
+            codes, s_w = weight_quant(w, self._eps[name])
+        else:
+            codes, s_w = learned_weight_quant(w, learned, self._eps[name])
         return codes.to(torch.int8).numpy(), self._remember(name, s_w)
 
     def scale(self, name: str) -> float:
         if name not in self._scales:  # scales stored before codes (t3_b5): the weight is read twice, once for s_w
-            self._remember(name, weight_scale(self._state[f"{name}.weight"].load().detach(), self._eps[name]))
+            learned = self._learned_scale(name)
+            self._remember(name, weight_scale(self._state[f"{name}.weight"].load().detach(), self._eps[name])
+                           if learned is None else learned_scale(learned, self._eps[name]))
         return self._scales[name]
+
+    def _learned_scale(self, name: str) -> torch.Tensor | None:
+        """The trained log s_w of quant.learnable_scale; None where there is none, or where it was never
+        set (no forward ran: the first would set it to mean|W|, what absmean gives)."""
+        lazy, is_set = self._state.get(f"{name}.log_scale"), self._state.get(f"{name}.scale_set")
+        if lazy is None or is_set is None or not bool(is_set.load()):
+            return None
+        return lazy.load().detach()
 
     def _remember(self, name: str, s_w: torch.Tensor) -> float:
         scale = float(s_w)

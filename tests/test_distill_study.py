@@ -206,3 +206,5 @@ def test_every_arm_on_the_staged_recipe_takes_the_studys_steps_in_its_two_stages
     assert wo.stages[0].quant.act_quant_from_step == 6 and "quant" not in wo.stages[1]
     ramp = compose_config(study.arm_overrides("full_recipe_ramp", 30, tmp_path / "r", [], val_every=6))
     assert ramp.stages[0].quant.lambda_warmup_steps == 3 and ramp.quant.lambda_warmup_steps == 0
+    learned = compose_config(study.arm_overrides("full_recipe_learned_scale", 30, tmp_path / "l", [], val_every=6))
+    assert learned.quant.learnable_scale is True and all("quant" not in s for s in learned.stages)

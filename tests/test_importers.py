@@ -145,6 +145,23 @@ def test_b158_import_loads_the_same_latent_weights_and_runs(tiny_llama):
     assert logits.shape == (2, 16, VOCAB) and torch.isfinite(logits).all()
 
 
+def test_learnable_scale_import_starts_each_scale_at_the_imported_weights_absmean(tiny_llama):
+    from bitnet_train.quant import weight_quant
+
+    directory, _ = tiny_llama
+    model, _, _ = load_hf_llama(directory, quant=QuantConfig(method="b1.58", learnable_scale=True))
+    plain, _, _ = load_hf_llama(directory, quant=QuantConfig(method="b1.58"))
+    assert not any(bool(m.scale_set) for m in model.bitlinear_modules().values())  # filled in as "not set"
+    ids = random_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), plain(ids))  # the first forward sets s = mean|W|
+    for name, m in model.bitlinear_modules().items():
+        assert bool(m.scale_set)
+        codes, s_w = m.quantized_weight()
+        want_codes, want_s = weight_quant(m.weight)
+        assert torch.equal(codes.float(), want_codes) and s_w.item() == pytest.approx(want_s.item(), rel=1e-6), name
+
+
 def test_sharded_checkpoint_imports_exactly(tmp_path):
     hf_model = save_tiny_hf_model(tmp_path, shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()

@@ -476,3 +476,68 @@ def test_act_quant_from_step_switches_int8_activations_on_at_that_step():
     assert seen == [{False}, {False}, {False}, {True}, {True}]
     with pytest.raises(ValueError, match="act_quant_from_step"):
         QuantConfig(act_quant_from_step=-1)
+
+
+# ---- learnable scale (quant.learnable_scale) ----
+
+def lsq_reference(x: torch.Tensor, w: torch.Tensor, log_s: torch.Tensor, lam: float, act: bool) -> torch.Tensor:
+    """An independent autograd formula of the learnable-scale forward: LSQ's w_q = s * round(clamp(W / s))
+    with round passed straight through, blended by lambda, int8 activations as act_quant (no gradient to x
+    needed here)."""
+    s = log_s.exp()
+    v = (w / s).clamp(-1, 1)
+    q = v + (v.round() - v).detach()
+    w_eff = w + lam * (q * s - w)
+    if act:
+        xq, s_x = act_quant(x)
+        x = x + lam * (xq / s_x - x)
+    return F.linear(x, w_eff)
+
+
+@pytest.mark.parametrize("act,lam", [(True, 1.0), (True, 0.5), (False, 1.0)])
+def test_learnable_scale_starts_at_absmean_and_its_gradient_is_lsqs(act, lam):
+    torch.manual_seed(3)
+    m = BitLinear(48, 20, learnable_scale=True)
+    m.set_lambda(lam)
+    m.act_quant = act
+    m.train()
+    x = torch.randn(2, 5, 48)
+    assert not bool(m.scale_set)
+    g = torch.randn(2, 5, 20)
+    (m(x) * g).sum().backward()
+    assert bool(m.scale_set)
+    assert m.log_scale.item() == pytest.approx(float(weight_quant(m.weight)[1].log()), abs=0)  # mean|W| at start
+    log_s = m.log_scale.detach().clone().requires_grad_(True)
+    w = m.weight.detach().clone().requires_grad_(True)
+    (lsq_reference(x, w, log_s, lam, act) * g).sum().backward()
+    assert m.log_scale.grad.item() == pytest.approx(log_s.grad.item(), rel=1e-4)
+    assert m.log_scale.grad.abs().item() > 0
+    # the weights keep the plain straight-through gradient (also outside the clip range): dW = g^T x_eff
+    x_eff = x if not act else x + lam * (act_quant(x)[0] / act_quant(x)[1] - x)
+    assert torch.allclose(m.weight.grad, g.reshape(-1, 20).t() @ x_eff.reshape(-1, 48), atol=1e-4)
+
+
+def test_learned_scale_sets_the_codes_and_the_forward():
+    torch.manual_seed(4)
+    m = BitLinear(40, 24, learnable_scale=True).eval()
+    x = torch.randn(3, 40)
+    m(x)  # first forward: the scale starts at mean|W|
+    with torch.no_grad():
+        m.log_scale.add_(0.4)  # as if trained: a larger s zeroes more codes
+    codes, s_w = m.quantized_weight()
+    assert s_w.item() == pytest.approx(float(weight_quant(m.weight)[1]) * np.exp(0.4), rel=1e-6)
+    assert torch.equal(codes.float(), ref_weight_codes_t(m.weight, s_w))
+    assert (codes == 0).sum() > (weight_quant(m.weight)[0] == 0).sum()
+    xq, s_x = act_quant(x)
+    assert torch.equal(m(x), (xq @ codes.float().t()) * (s_w / s_x))  # the integer-exact product, learned s_w
+
+
+def ref_weight_codes_t(w: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(ref_weight_codes(w.detach().numpy(), np.float32(s_w.item())))
+
+
+def test_learnable_scale_is_off_by_default_and_only_on_quantized_linears():
+    assert BitLinear(8, 4).log_scale is None and "scale_set" not in BitLinear(8, 4).state_dict()
+    assert BitLinear(8, 4, quantize=False, learnable_scale=True).log_scale is None
+    keys = BitLinear(8, 4, learnable_scale=True).state_dict().keys()
+    assert {"log_scale", "scale_set"} <= set(keys)

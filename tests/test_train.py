@@ -350,12 +350,28 @@ def test_flip_rate_counts_the_codes_one_step_changes():
 
 
 @pytest.mark.slow
-def test_a_run_logs_the_flip_rate(corpus, tmp_path):
+def test_a_run_logs_the_flip_rate_and_trains_learnable_scales(corpus, tmp_path):
+    """One run for both (the suite's time): the flip rate of the learned scale's codes, and the scales
+    trained, saved in model/ and exported as the file's s_w."""
     import csv
 
+    from bitnet_train.export.reader import open_model
+    from bitnet_train.model_dir import load_model_dir
+    from bitnet_train.quant import weight_scale
+
     run_dir = tmp_path / "flip"
-    r = cli(tiny_overrides(corpus, run_dir, **{"callbacks.flip_rate_every_n_steps": 2, "trainer.max_steps": 6}), tmp_path)
+    r = cli(tiny_overrides(corpus, run_dir, **{"callbacks.flip_rate_every_n_steps": 2, "trainer.max_steps": 6,
+                                               "quant.learnable_scale": "true"}), tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = list(csv.DictReader(open(run_dir / "logs" / "metrics.csv")))
     rates = {int(x["step"]): float(x["train/flip_rate"]) for x in rows if x.get("train/flip_rate")}
     assert sorted(rates) == [1, 3, 5] and all(0 < v < 0.5 for v in rates.values()), rates  # after steps 0, 2, 4
+    model, _, _ = load_model_dir(run_dir / "model")
+    bl = model.bitlinear_modules()
+    ratios = [float(m.log_scale.exp() / weight_scale(m.weight.detach())) for m in bl.values()]
+    assert all(bool(m.scale_set) for m in bl.values()) and max(abs(x - 1) for x in ratios) > 1e-3, ratios
+    from bitnet_train.export.cli import main as export_main
+
+    assert export_main([str(run_dir), "-o", str(tmp_path / "m.bitnet")]) == 0
+    f = open_model(tmp_path / "m.bitnet")
+    assert all(f.scale(n) == m.quantized_weight()[1].item() for n, m in bl.items())

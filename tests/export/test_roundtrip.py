@@ -120,6 +120,30 @@ def test_model_variants(tmp_path, variant, tokenizer):
         assert torch.equal(build_reference_model(f)(idx), model(idx))
 
 
+def test_learned_scales_are_exported_and_the_engine_computes_with_them(tmp_path, tokenizer):
+    from bitnet_train.runtime import Engine
+    from bitnet_train.quant import weight_scale
+
+    cfg = ModelConfig(**TINY)
+    model = train_tiny(cfg, QuantConfig(learnable_scale=True), steps=4)
+    save_model_dir(tmp_path / "model", model, tokenizer)
+    export_ok(tmp_path / "model", "-o", tmp_path / "m.bitnet", "--dtype", "fp32")
+    f = open_model(tmp_path / "m.bitnet")
+    moved = 0
+    for name, m in model.bitlinear_modules().items():
+        learned = float(m.log_scale.detach().exp())
+        assert f.scale(name) == np.float32(learned), name
+        moved += abs(learned / float(weight_scale(m.weight.detach())) - 1) > 1e-3  # trained away from mean|W|
+    assert moved >= len(f.ternary_layers()) // 2
+    idx = tokens(cfg)
+    with torch.no_grad():
+        want = model(idx)
+        assert torch.equal(build_reference_model(f)(idx), want)
+    got = Engine.load(tmp_path / "m.bitnet").forward(idx[0].numpy())
+    err = np.abs(got - want[0].numpy()).max() / float(want.abs().max())
+    assert err < 0.05 and (got.argmax(-1) == want[0].numpy().argmax(-1)).mean() >= 0.9, err
+
+
 def test_refuses_lambda_below_one_and_unquantized_unless_ptq(tmp_path, tokenizer, capsys):
     cfg = ModelConfig(**TINY)
     model = train_tiny(cfg, QuantConfig(lambda_warmup_steps=100), steps=1)
