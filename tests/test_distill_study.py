@@ -208,3 +208,21 @@ def test_every_arm_on_the_staged_recipe_takes_the_studys_steps_in_its_two_stages
     assert ramp.stages[0].quant.lambda_warmup_steps == 3 and ramp.quant.lambda_warmup_steps == 0
     learned = compose_config(study.arm_overrides("full_recipe_learned_scale", 30, tmp_path / "l", [], val_every=6))
     assert learned.quant.learnable_scale is True and all("quant" not in s for s in learned.stages)
+
+
+def test_loss_curves_pairs_the_stages_steps_and_reports_the_differences(bench_script, tmp_path, capsys):
+    lc = bench_script("loss_curves")
+    header = "epoch,step,train/loss,val/ppl\n"
+    for run, losses in (("a", [2.0, 1.5, 1.0, 0.8]), ("b", [2.0, 1.6, 1.0, 0.9])):
+        for i, stage in enumerate(("stage1", "stage2")):
+            d = tmp_path / run / stage / "logs"
+            d.mkdir(parents=True)
+            rows = [f",{t},{losses[2 * i + t]}," for t in range(2)] + [f",1,,{10.0 * (i + 1) + (run == 'b')}"]
+            (d / "metrics.csv").write_text(header + "\n".join(rows) + "\n")
+    assert lc.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "| stage2 | 1 | 0.8000 | 0.9000 | +0.1000 |" in out
+    assert "4 steps: |diff| mean 0.0500, max 0.1000" in out
+    assert "stage1 step 1 val/ppl: 10.00 vs 11.00 (+10.00%)" in out
+    with pytest.raises(SystemExit, match="metrics.csv does not exist"):
+        lc.main([str(tmp_path / "a"), str(tmp_path / "missing")])
