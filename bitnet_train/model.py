@@ -84,8 +84,8 @@ class QuantConfig(DictSerializable):
     # export always quantize them): "weight-only first, int8 activations later". 0: int8 from the start.
     act_quant_from_step: int = 0
     # A learnable per-tensor weight scale (LSQ-style) instead of mean|W|: each ternary BitLinear gets a
-    # `scale` parameter, set to mean|W| at its first forward and trained by its own gradient; the codes
-    # are clamp(round(W / scale)) and export writes the learned value as s_w.
+    # `log_scale` parameter, set to log(mean|W|) at its first forward and trained by its own gradient; the
+    # codes are clamp(round(W / exp(log_scale))) and export writes the learned value as s_w.
     learnable_scale: bool = False
 
     def __post_init__(self):
