@@ -204,9 +204,9 @@ extern std::atomic<int64_t> g_prefetch_bytes;
 
 // The cache lines of [p + d, p + d + bytes), d = g_prefetch_bytes, requested ahead of use (a
 // prefetch never faults, so it may run past the end of a mapping). Into L2 (prefetcht1), not L1:
-// an L1 prefetch holds one of the core's few L1 miss buffers until its line arrives from DRAM;
 // measured on Zen 4, 2 threads, bitnet-large i2 decode +5% (15 of 19 interleaved rounds ahead),
-// t3 and AVX2 unchanged within the noise (bench/README.md, session 16).
+// t3 and AVX2 unchanged within the noise (bench/README.md, session 16). The likely reason, not
+// measured: an L1 prefetch holds one of the core's few L1 miss buffers until its line arrives.
 inline void prefetch_ahead(const void* p, int64_t bytes) {
   const int64_t dist = g_prefetch_bytes.load(std::memory_order_relaxed);
   if (dist <= 0) return;
